@@ -45,6 +45,7 @@ class ToyConfig:
     # teacher MLP and its training (App. D.1: AdamW lr 1e-4, wd 0.01, betas (0.9, 0.999))
     width: int = 128
     depth: int = 4                # hidden layers
+    x_freqs: int = 0              # Fourier features sin/cos(2^k pi c_in x), k < x_freqs, of the input
     teacher_iters: int = 8000     # paper: 100k; 8k at lr 1e-3 gives a mode-resolving teacher on a CPU
     teacher_lr: float = 1e-3      # paper: 1e-4 (100k iters); raised to fit the CPU budget
     teacher_batch: int = 1024
@@ -135,7 +136,9 @@ class ToyDenoiser(nn.Module):
         super().__init__()
         self.S, self.cfg, self.boundary = S, cfg, boundary
         self.register_buffer("freqs", 2.0 ** torch.arange(num_freqs).float() / 4, persistent=False)
-        self.net = StackedMLP(S, 2 + 2 * num_freqs + NUM_CLASSES, cfg.width, cfg.depth, 2)
+        self.register_buffer("x_freqs", math.pi * 2.0 ** torch.arange(cfg.x_freqs).float(), persistent=False)
+        d_in = 2 + 4 * cfg.x_freqs + 2 * num_freqs + NUM_CLASSES
+        self.net = StackedMLP(S, d_in, cfg.width, cfg.depth, 2)
 
     def forward(self, x, sigma, labels):  # x: (S*N, 2), sigma: (S*N,), labels: (S*N,)
         sd = self.cfg.sigma_data
@@ -144,7 +147,9 @@ class ToyDenoiser(nn.Module):
             c_skip = sd ** 2 / ((sigma - self.cfg.sigma_min) ** 2 + sd ** 2)
             c_out = (sigma - self.cfg.sigma_min) * sd / (sigma ** 2 + sd ** 2).sqrt()
         ang = c_noise[:, None] * self.freqs  # (S*N, F)
-        h = torch.cat([c_in[:, None] * x, ang.cos(), ang.sin(),
+        x_in = c_in[:, None] * x
+        x_ang = (x_in[:, :, None] * self.x_freqs).flatten(1)  # (S*N, 2 * x_freqs)
+        h = torch.cat([x_in, x_ang.cos(), x_ang.sin(), ang.cos(), ang.sin(),
                        nn.functional.one_hot(labels, NUM_CLASSES).float()], 1)
         F_x = self.net(h.view(self.S, -1, h.shape[1])).reshape(-1, 2)
         return c_skip[:, None] * x + c_out[:, None] * F_x
@@ -274,9 +279,10 @@ def distill_dmd(teacher, own, pairs, dc, log_every=500):
         opt_fake.zero_grad(set_to_none=True)
         loss_fake.backward()
         opt_fake.step()
-        if it % log_every == 0:
-            bar.set_postfix(dm=f"{loss_dm.item():.2e}", reg=f"{loss_reg.item():.2e}", fake=f"{loss_fake.item() / S:.3f}")
-    return G.eval().requires_grad_(False)
+        if it % log_every == 0 or it == dc.iters - 1:
+            last = dict(dm=loss_dm.item(), reg=loss_reg.item(), fake=loss_fake.item() / S)
+            bar.set_postfix({k: f"{v:.2e}" for k, v in last.items()})
+    return G.eval().requires_grad_(False), last
 
 
 def distill_cd(teacher, own, dc, log_every=500):
@@ -309,9 +315,10 @@ def distill_cd(teacher, own, dc, log_every=500):
         with torch.no_grad():
             for p, q in zip(f_ema.parameters(), f.parameters()):
                 p.lerp_(q, 1 - dc.cd_ema)
-        if it % log_every == 0:
-            bar.set_postfix(loss=f"{loss.item() / S:.2e}")
-    return f_ema.eval()
+        if it % log_every == 0 or it == dc.iters - 1:
+            last = dict(cd=loss.item() / S)
+            bar.set_postfix(cd=f"{last['cd']:.2e}")
+    return f_ema.eval(), last
 
 
 @torch.no_grad()
@@ -371,7 +378,10 @@ def parse_args(argv=None):
             p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
     args = p.parse_args(argv)
     for k in args.students:
-        partition(k)  # a clear error for --students 3 or 0 before any work
+        try:
+            partition(k)  # a clear error for --students 3 or 0 before any work
+        except ValueError as e:
+            p.error(str(e))
     if args.method not in ("dmd", "cd"):
         p.error(f"--method must be 'dmd' or 'cd', got {args.method!r}")
     if args.reg_pairs not in ("own", "all"):
@@ -404,9 +414,9 @@ def main(argv=None):
     own = Ownership(groups)
     torch.manual_seed(cfg.seed + 2)
     if dc.method == "dmd":
-        G = distill_dmd(teacher, own, (z_pair, y_pair, x_pair), dc)
+        G, losses = distill_dmd(teacher, own, (z_pair, y_pair, x_pair), dc)
     else:
-        G = distill_cd(teacher, own, dc)
+        G, losses = distill_cd(teacher, own, dc)
     x_all = sample_students(G, own, n, torch.Generator().manual_seed(cfg.seed + 3))  # (S, n, 2)
 
     l1, panels, start = [], [], 0
@@ -423,7 +433,7 @@ def main(argv=None):
     fig_path = os.path.join(args.out, f"toy2d_{dc.method}.png")
     plot(fig_path, ref_a, panels, ks, l1, floor, dc.method)
     print(f"figure: {fig_path}\nwall time: {time.time() - t0:.1f} s")
-    return dict(ks=ks, l1=l1, floor=floor, figure=fig_path)
+    return dict(ks=ks, l1=l1, floor=floor, figure=fig_path, losses=losses)
 
 
 if __name__ == "__main__":

@@ -235,3 +235,24 @@ def test_truncated_edm_pickle_gives_clear_error(tmp_path, edm_modules):
     (tmp_path / "cut.pkl").write_bytes(blob[: len(blob) // 3])
     with pytest.raises(ValueError, match="corrupt or truncated"):
         E.import_edm(tmp_path / "cut.pkl")
+
+
+def test_bf16_autocast_keeps_preconditioning_in_float32():
+    D = tiny()
+    with torch.no_grad():
+        for p in D.parameters():
+            p.normal_(0, 0.05)
+    x, sigma, y = torch.randn(2, 1, 16, 16), torch.tensor([0.5, 5.0]), torch.tensor([1, 2])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = D(x, sigma, y)
+    assert out.dtype == torch.float32
+    ref = D(x, sigma, y).detach()
+    assert (out - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_bottleneck_feature_hook_sees_lowest_resolution():
+    D = tiny()
+    seen = []
+    D.model.feature_hook = lambda h, emb: seen.append(h.shape)
+    D(torch.randn(2, 1, 16, 16), torch.tensor([1.0, 2.0]), torch.tensor([0, 1]))
+    assert seen == [torch.Size([2, 128, 8, 8])]

@@ -1,0 +1,72 @@
+"""toy2d.py: data geometry, ownership, the l1 metric, the CD parametrisation, tiny end-to-end runs."""
+import math
+
+import pytest
+import torch
+
+import toy2d
+
+
+def test_class_geometry():
+    cfg = toy2d.ToyConfig()
+    y = torch.arange(8).repeat_interleave(2000)
+    x = toy2d.sample_data(y, cfg, torch.Generator().manual_seed(0))
+    for c in range(8):
+        pts = x[y == c]
+        centre = 0.5 * torch.tensor([math.cos(2 * math.pi * c / 8), math.sin(2 * math.pi * c / 8)])
+        torch.testing.assert_close(pts.mean(0), centre, atol=5e-3, rtol=0)
+        r = (pts - centre).norm(dim=1)  # on the inner circle of radius 0.1
+        assert abs(r.mean().item() - 0.1) < 2e-3 and r.std().item() < 0.01
+        ang = torch.atan2(*(pts - centre).flip(1).T) % (2 * math.pi)
+        off = (ang / (2 * math.pi / 8) - (ang / (2 * math.pi / 8)).round()).abs() * 2 * math.pi / 8 * 0.1
+        assert off.max().item() < 0.03  # every point within 6 std of one of the 8 modes
+
+
+@pytest.mark.parametrize("K", [1, 2, 4, 8])
+def test_partition_owns_every_class_once(K):
+    groups = toy2d.partition(K)
+    assert len(groups) == K and sorted(c for g in groups for c in g) == list(range(8))
+    assert all(len(g) == 8 // K for g in groups)
+    own = toy2d.Ownership(groups)
+    y = own.labels(500)
+    for k, g in enumerate(groups):
+        assert set(y[k].tolist()) == set(g)
+
+
+@pytest.mark.parametrize("bad", ["3", "0"])
+def test_bad_student_count_is_a_clear_error(bad, capsys):
+    with pytest.raises(SystemExit):
+        toy2d.parse_args(["--students", bad])
+    assert f"got {bad}" in capsys.readouterr().err
+
+
+def test_hist_l1_on_known_inputs():
+    a = torch.rand(5000, 2) * 0.2
+    assert toy2d.hist_l1(a, a) == 0
+    assert toy2d.hist_l1(a, a + 0.5) == pytest.approx(2.0)  # disjoint supports
+
+
+def test_consistency_parametrisation_is_identity_at_sigma_min():
+    cfg = toy2d.ToyConfig(width=16, depth=1)
+    f = toy2d.ToyDenoiser(2, cfg, boundary=True)
+    x = torch.randn(6, 2)
+    torch.testing.assert_close(f(x, torch.full((6,), cfg.sigma_min), torch.arange(6) % 8), x)
+
+
+def test_students_start_as_copies_of_the_teacher():
+    cfg = toy2d.ToyConfig(width=16, depth=2)
+    teacher = toy2d.ToyDenoiser(1, cfg)
+    students = toy2d.stack_copies(teacher, 3)
+    z, y = torch.randn(9, 2), torch.arange(9) % 8
+    torch.testing.assert_close(students.generate(z, y), teacher.generate(z, y))
+
+
+@pytest.mark.parametrize("method", ["dmd", "cd"])
+def test_tiny_end_to_end_run(tmp_path, method):
+    out = toy2d.main(["--students", "2", "--method", method, "--out", str(tmp_path), "--teacher-iters", "30",
+                      "--iters", "20", "--width", "16", "--depth", "2", "--batch", "16", "--eval-samples", "2000",
+                      "--teacher-steps", "4", "--num-pairs", "64"])
+    assert out["ks"] == [1, 2] and all(math.isfinite(v) for v in out["l1"] + [out["floor"]])
+    assert out["losses"] and all(math.isfinite(v) for v in out["losses"].values())
+    assert (tmp_path / f"toy2d_{method}.png").stat().st_size > 10_000
+    assert (tmp_path / "teacher.pt").exists()
