@@ -55,8 +55,9 @@ def bench(preset, batch, device, precision, compile_, warmup, reps, channels_las
             out = net(x, sigma, y)
         out.square().mean().backward()
 
-    D.train()
+    D.eval()
     t_f = time_it(fwd, device, warmup, reps)
+    D.train()
     t_fb = time_it(fwd_bwd, device, warmup, reps)
     return t_f, t_fb
 
