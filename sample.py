@@ -1,0 +1,293 @@
+"""Sampling: EDM's Heun sampler for the teacher, the shared paired set, routed one-step students.
+
+    python sample.py pairs --teacher teacher.pt --num 10000 --out pairs.npz     # MSD Sec. 3.2 / DMD
+    python sample.py teacher --teacher teacher.pt --seeds 0-49999 --out teacher_imgs.zip
+    python sample.py students --ckpt student_0.pt student_1.pt ... --seeds 0-49999 --out imgs.zip
+    torchrun --nproc_per_node=8 sample.py pairs --count 10000 ...              # same file, any world size
+
+Every image depends only on its seed: its label, initial noise and churn noise come from a
+generator seeded with it (EDM's convention), so batch size and GPU count never change a result.
+
+Paired-set file (`.npz`): `seeds` (N,) int64, `labels` (N,) int64, `noise` (N, C, H, W) float32
+(the unit-variance z; the teacher starts from z * sigma_max), `images` (N, C, H, W) uint8
+(teacher output x in [-1, 1] stored as round(127.5 x + 128) clipped to [0, 255], EDM's PNG mapping).
+
+A student checkpoint is an edm_unet checkpoint with a `partition` entry: the classes it owns.
+"""
+import argparse
+import contextlib
+import io
+import json
+import os
+import zipfile
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import edm_unet
+
+
+# ----------------------------------------------------------------------------- per-seed randomness
+
+class SeededRandom:
+    """One torch.Generator per image; draws are stacked along the batch (EDM's StackedRandomGenerator)."""
+
+    def __init__(self, seeds, device="cpu"):
+        self.device = device
+        self.gens = [torch.Generator(device="cpu").manual_seed(int(s) % (1 << 63)) for s in seeds]
+
+    def randn(self, shape):
+        return torch.stack([torch.randn(shape, generator=g) for g in self.gens]).to(self.device)
+
+    def randint(self, high):
+        return torch.stack([torch.randint(high, (), generator=g) for g in self.gens]).to(self.device)
+
+
+def parse_seeds(text):
+    """'0-49999' or '1,5,7-9' -> list of ints."""
+    seeds = []
+    for part in text.split(","):
+        a, _, b = part.partition("-")
+        if not a.isdigit() or (b and not b.isdigit()):
+            raise ValueError(f"bad seed range {part!r}: expected e.g. '0-49999' or '1,5,7-9'")
+        seeds.extend(range(int(a), int(b or a) + 1))
+    return seeds
+
+
+# ----------------------------------------------------------------------------- EDM sampler
+
+@torch.no_grad()
+def heun_sampler(D, z, labels, rnd=None, num_steps=256, sigma_min=0.002, sigma_max=80.0, rho=7.0,
+                 S_churn=0.0, S_min=0.0, S_max=float("inf"), S_noise=1.0, autocast=None):
+    """EDM Alg. 2: Karras steps (EDM Eq. 5), optional churn, Heun with an Euler last step.
+
+    z: (B, ...) unit noise; returns x_0 (float32). EDM's ImageNet-64 preset: 256 steps,
+    S_churn=40, S_min=0.05, S_max=50, S_noise=1.003; MSD's paired set uses S_churn=0 (App. D.2.1).
+    """
+    i = torch.arange(num_steps, dtype=torch.float64)
+    t = (sigma_max ** (1 / rho) + i / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    t = torch.cat([t, torch.zeros(1, dtype=torch.float64)]).tolist()  # t_N = 0
+    ctx = (lambda: torch.autocast(z.device.type, dtype=autocast)) if autocast else contextlib.nullcontext
+
+    def denoise(x, s):
+        with ctx():
+            return D(x, torch.full((x.shape[0],), s, device=x.device), labels).double()
+
+    x = z.double() * t[0]
+    for n, (t_cur, t_next) in enumerate(zip(t[:-1], t[1:])):
+        gamma = min(S_churn / num_steps, 2 ** 0.5 - 1) if S_min <= t_cur <= S_max else 0.0
+        t_hat = t_cur + gamma * t_cur
+        if gamma > 0:  # churn: raise the noise level from t_cur to t_hat
+            eps = (rnd.randn(z.shape[1:]) if rnd is not None else torch.randn_like(z)).double()
+            x = x + (t_hat ** 2 - t_cur ** 2) ** 0.5 * S_noise * eps
+        d = (x - denoise(x.float(), t_hat)) / t_hat
+        x_next = x + (t_next - t_hat) * d
+        if n < num_steps - 1:  # second-order correction
+            d2 = (x_next - denoise(x_next.float(), t_next)) / t_next
+            x_next = x + (t_next - t_hat) * 0.5 * (d + d2)
+        x = x_next
+    return x.float()
+
+
+def to_uint8(x):
+    """[-1, 1] float -> uint8 as EDM writes PNGs."""
+    return (x * 127.5 + 128).clip(0, 255).to(torch.uint8)
+
+
+# ----------------------------------------------------------------------------- routing
+
+def load_students(paths, device="cpu"):
+    """Load student generators and build the label -> student routing table from their partitions."""
+    students, owner = [], {}
+    for k, path in enumerate(paths):
+        model, ckpt = edm_unet.load_model(path)
+        if "partition" not in ckpt:
+            raise ValueError(f"{path}: no 'partition' in the checkpoint; is it a student snapshot of msd.py?")
+        for c in ckpt["partition"]:
+            if c in owner:
+                raise ValueError(f"class {c} is owned by two students: {paths[owner[c]]} and {path}")
+            owner[c] = k
+        students.append(edm_unet.OneStep(model.to(device).eval(), ckpt.get("sigma_max", 80.0)))
+    return students, owner
+
+
+@torch.no_grad()
+def route(students, owner, z, labels, autocast=None):
+    """One-step samples where each label is generated by the student that owns it. -> (B, C, H, W)."""
+    missing = sorted(set(labels.tolist()) - set(owner))
+    if missing:
+        raise ValueError(f"labels {missing[:10]} are owned by no student (owned: {len(owner)} classes)")
+    k_of = torch.tensor([owner[c] for c in labels.tolist()], device=labels.device)
+    out = torch.empty_like(z)
+    for k, G in enumerate(students):
+        idx = (k_of == k).nonzero().squeeze(1)
+        if len(idx):
+            with torch.autocast(z.device.type, dtype=autocast) if autocast else contextlib.nullcontext():
+                out[idx] = G(z[idx], labels[idx]).float()
+    return out
+
+
+# ----------------------------------------------------------------------------- output
+
+def write_images(out, images, labels, seeds):
+    """EDM's dataset layout: img{seed:08d}.png files + dataset.json {'labels': [[name, label], ...]},
+    in a folder or a .zip. images: (N, C, H, W) uint8."""
+    from PIL import Image
+    names = [f"img{s:08d}.png" for s in seeds]
+    meta = json.dumps({"labels": [[n, int(y)] for n, y in zip(names, labels)]})
+    pngs = []
+    for img in images:
+        arr = img.permute(1, 2, 0).cpu().numpy()
+        buf = io.BytesIO()
+        Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr).save(buf, format="png")
+        pngs.append(buf.getvalue())
+    if out.endswith(".zip"):
+        tmp = out + ".tmp"
+        with zipfile.ZipFile(tmp, "w") as zf:
+            for n, b in zip(names, pngs):
+                zf.writestr(n, b)
+            zf.writestr("dataset.json", meta)
+        os.replace(tmp, out)
+    else:
+        os.makedirs(out, exist_ok=True)
+        for n, b in zip(names, pngs):
+            with open(os.path.join(out, n), "wb") as f:
+                f.write(b)
+        with open(os.path.join(out, "dataset.json"), "w") as f:
+            f.write(meta)
+
+
+def save_grid(path, images, ncol=10):
+    """A quick-look grid of uint8 images (N, C, H, W) as one PNG."""
+    from PIL import Image
+    n, c, h, w = images.shape
+    nrow = -(-n // ncol)
+    grid = torch.zeros(c, nrow * h, ncol * w, dtype=torch.uint8)
+    for i, img in enumerate(images):
+        r, q = divmod(i, ncol)
+        grid[:, r * h:(r + 1) * h, q * w:(q + 1) * w] = img
+    arr = grid.permute(1, 2, 0).numpy()
+    Image.fromarray(arr[:, :, 0] if c == 1 else arr).save(path)
+
+
+# ----------------------------------------------------------------------------- paired set
+
+def dist_info():
+    """(rank, world_size) from torchrun's environment, initialising the process group once."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return int(os.environ.get("RANK", 0)), world
+
+
+def generate_pairs(D, seeds, out, batch, sample_kw, rank=0, world=1, device="cpu", autocast=None):
+    """Teacher (noise, label, image) triples for `seeds`, written resumably.
+
+    Seeds are cut into fixed chunks of `batch`; rank r takes chunks r, r+world, ...; each finished
+    chunk is saved atomically to `out.parts/`, so a killed run restarts where it stopped and the
+    merged file is identical for any world size. Returns True on the process that merged.
+    """
+    cfg = D.cfg
+    parts = out + ".parts"
+    os.makedirs(parts, exist_ok=True)
+    chunks = [seeds[i:i + batch] for i in range(0, len(seeds), batch)]
+    mine = chunks[rank::world]
+    for chunk in tqdm(mine, desc=f"pairs (rank {rank})", disable=rank != 0):
+        path = os.path.join(parts, f"{chunk[0]:09d}.npz")
+        if os.path.exists(path):
+            continue  # resume: done already
+        rnd = SeededRandom(chunk, device)
+        labels = rnd.randint(cfg.label_dim)
+        z = rnd.randn((cfg.img_channels, cfg.img_resolution, cfg.img_resolution))
+        x = heun_sampler(D, z, labels, rnd, autocast=autocast, **sample_kw)
+        tmp = path + ".tmp.npz"
+        np.savez(tmp, seeds=np.array(chunk), labels=labels.cpu().numpy(), noise=z.cpu().numpy(),
+                 images=to_uint8(x).cpu().numpy())
+        os.replace(tmp, path)
+    if dist.is_initialized():
+        dist.barrier()
+    if rank != 0:
+        return False
+    data = [np.load(os.path.join(parts, f"{c[0]:09d}.npz")) for c in chunks]
+    merged = {k: np.concatenate([d[k] for d in data]) for k in ("seeds", "labels", "noise", "images")}
+    tmp = out + ".tmp.npz"
+    np.savez(tmp, **merged)
+    os.replace(tmp, out)
+    return True
+
+
+def load_pairs(path):
+    """Read a paired-set file; clear error when it is missing a key."""
+    data = np.load(path)
+    for k in ("seeds", "labels", "noise", "images"):
+        if k not in data:
+            raise ValueError(f"{path}: not a paired-set file (missing {k!r})")
+    return {k: data[k] for k in data.files}
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("mode", choices=["pairs", "teacher", "students"])
+    p.add_argument("--teacher", help="teacher checkpoint (edm_unet format)")
+    p.add_argument("--ckpt", nargs="+", help="student checkpoints (mode students)")
+    p.add_argument("--num", "--count", dest="num", type=int, default=10_000,
+                   help="pairs: seeds 0..num-1 (MSD App. D.2.1: 10k); under torchrun spell it --count")
+    p.add_argument("--seeds", default="0-49999", help="teacher/students: seed ranges, e.g. 0-49999")
+    p.add_argument("--class", dest="cls", type=int, default=None, help="fixed class label (default: from seed)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=256)
+    p.add_argument("--S-churn", type=float, default=0.0, help="EDM ImageNet-64 preset: 40 (0 = deterministic)")
+    p.add_argument("--S-min", type=float, default=0.05)
+    p.add_argument("--S-max", type=float, default=50.0)
+    p.add_argument("--S-noise", type=float, default=1.003)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda asked for, but CUDA is not available")
+    if args.mode in ("pairs", "teacher") and not args.teacher:
+        p.error(f"mode {args.mode} needs --teacher")
+    if args.mode == "students" and not args.ckpt:
+        p.error("mode students needs --ckpt student_0.pt ...")
+    autocast = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    sample_kw = dict(num_steps=args.steps, S_churn=args.S_churn, S_min=args.S_min, S_max=args.S_max, S_noise=args.S_noise)
+    rank, world = dist_info()
+    device = torch.device(args.device, rank % max(1, torch.cuda.device_count())) if args.device == "cuda" else torch.device(args.device)
+    if args.mode == "pairs":
+        D = edm_unet.load_model(args.teacher)[0].to(device).eval()
+        generate_pairs(D, list(range(args.num)), args.out, args.batch, sample_kw, rank, world, device, autocast)
+        if rank == 0:
+            print(f"wrote {args.num} pairs to {args.out}")
+        return
+    if world > 1:
+        p.error("teacher/students image output runs on one process for now (pairs supports torchrun)")
+    seeds = parse_seeds(args.seeds)
+    if args.mode == "teacher":
+        D = edm_unet.load_model(args.teacher)[0].to(device).eval()
+        cfg, owner = D.cfg, None
+    else:
+        students, owner = load_students(args.ckpt, device)
+        cfg = students[0].denoiser.cfg
+    if args.cls is not None and not 0 <= args.cls < cfg.label_dim:
+        p.error(f"--class {args.cls} is outside [0, {cfg.label_dim})")
+    images, labels = [], []
+    for i in tqdm(range(0, len(seeds), args.batch)):
+        chunk = seeds[i:i + args.batch]
+        rnd = SeededRandom(chunk, device)
+        y = rnd.randint(cfg.label_dim) if args.cls is None else torch.full((len(chunk),), args.cls, device=device)
+        z = rnd.randn((cfg.img_channels, cfg.img_resolution, cfg.img_resolution))
+        x = heun_sampler(D, z, y, rnd, autocast=autocast, **sample_kw) if owner is None else route(students, owner, z, y, autocast)
+        images.append(to_uint8(x).cpu()), labels.append(y.cpu())
+    images, labels = torch.cat(images), torch.cat(labels)
+    write_images(args.out, images, labels.tolist(), seeds)
+    save_grid(os.path.splitext(args.out.rstrip("/"))[0] + "_grid.png", images[:100])
+    print(f"wrote {len(seeds)} images to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
