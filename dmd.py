@@ -15,14 +15,14 @@ import torch
 import torch.nn.functional as F
 
 
-def karras_sigmas(num_steps=1000, sigma_min=0.002, sigma_max=80.0, rho=7.0):
+def karras_sigmas(num_steps=1000, sigma_min=0.002, sigma_max=80.0, rho=7.0, dtype=torch.float32):
     """EDM Eq. 5 noise levels, *ascending* (index 0 = sigma_min), as DMD indexes its t.
 
     MSD App. D.1/D.2: (sigma_min, sigma_max) = (0.002, 80) discretised into 1000 steps.
     """
     i = torch.arange(num_steps, dtype=torch.float64) / (num_steps - 1)
     s = (sigma_min ** (1 / rho) + i * (sigma_max ** (1 / rho) - sigma_min ** (1 / rho))) ** rho
-    return s.float()  # (num_steps,)
+    return s.to(dtype)  # (num_steps,)
 
 
 def sample_sigma(batch, sigmas, t_min, t_max, generator=None):

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import dmd
 import edm_unet
 
 
@@ -43,6 +44,19 @@ class SeededRandom:
 
     def randint(self, high):
         return torch.stack([torch.randint(high, (), generator=g) for g in self.gens]).to(self.device)
+
+
+def draw_inputs(seeds, cfg, device, cls=None):
+    """Per-seed generators, labels (from the seed unless `cls` fixes them) and unit noise z."""
+    rnd = SeededRandom(seeds, device)
+    y = rnd.randint(cfg.label_dim) if cls is None else torch.full((len(seeds),), cls, device=device)
+    z = rnd.randn((cfg.img_channels, cfg.img_resolution, cfg.img_resolution))  # (B, C, H, W)
+    return rnd, y, z
+
+
+def amp(device_type, dtype):
+    """The caller's autocast context, or none for fp32."""
+    return torch.autocast(device_type, dtype=dtype) if dtype else contextlib.nullcontext()
 
 
 def parse_seeds(text):
@@ -66,13 +80,10 @@ def heun_sampler(D, z, labels, rnd=None, num_steps=256, sigma_min=0.002, sigma_m
     z: (B, ...) unit noise; returns x_0 (float32). EDM's ImageNet-64 preset: 256 steps,
     S_churn=40, S_min=0.05, S_max=50, S_noise=1.003; MSD's paired set uses S_churn=0 (App. D.2.1).
     """
-    i = torch.arange(num_steps, dtype=torch.float64)
-    t = (sigma_max ** (1 / rho) + i / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
-    t = torch.cat([t, torch.zeros(1, dtype=torch.float64)]).tolist()  # t_N = 0
-    ctx = (lambda: torch.autocast(z.device.type, dtype=autocast)) if autocast else contextlib.nullcontext
+    t = dmd.karras_sigmas(num_steps, sigma_min, sigma_max, rho, dtype=torch.float64).flip(0).tolist() + [0.0]
 
     def denoise(x, s):
-        with ctx():
+        with amp(z.device.type, autocast):
             return D(x, torch.full((x.shape[0],), s, device=x.device), labels).double()
 
     x = z.double() * t[0]
@@ -124,7 +135,7 @@ def route(students, owner, z, labels, autocast=None):
     for k, G in enumerate(students):
         idx = (k_of == k).nonzero().squeeze(1)
         if len(idx):
-            with torch.autocast(z.device.type, dtype=autocast) if autocast else contextlib.nullcontext():
+            with amp(z.device.type, autocast):
                 out[idx] = G(z[idx], labels[idx]).float()
     return out
 
@@ -198,9 +209,7 @@ def generate_pairs(D, seeds, out, batch, sample_kw, rank=0, world=1, device="cpu
         path = os.path.join(parts, f"{chunk[0]:09d}.npz")
         if os.path.exists(path):
             continue  # resume: done already
-        rnd = SeededRandom(chunk, device)
-        labels = rnd.randint(cfg.label_dim)
-        z = rnd.randn((cfg.img_channels, cfg.img_resolution, cfg.img_resolution))
+        rnd, labels, z = draw_inputs(chunk, cfg, device)
         x = heun_sampler(D, z, labels, rnd, autocast=autocast, **sample_kw)
         tmp = path + ".tmp.npz"
         np.savez(tmp, seeds=np.array(chunk), labels=labels.cpu().numpy(), noise=z.cpu().numpy(),
@@ -278,9 +287,7 @@ def main(argv=None):
     images, labels = [], []
     for i in tqdm(range(0, len(seeds), args.batch)):
         chunk = seeds[i:i + args.batch]
-        rnd = SeededRandom(chunk, device)
-        y = rnd.randint(cfg.label_dim) if args.cls is None else torch.full((len(chunk),), args.cls, device=device)
-        z = rnd.randn((cfg.img_channels, cfg.img_resolution, cfg.img_resolution))
+        rnd, y, z = draw_inputs(chunk, cfg, device, args.cls)
         x = heun_sampler(D, z, y, rnd, autocast=autocast, **sample_kw) if owner is None else route(students, owner, z, y, autocast)
         images.append(to_uint8(x).cpu()), labels.append(y.cpu())
     images, labels = torch.cat(images), torch.cat(labels)

@@ -382,6 +382,8 @@ def parse_args(argv=None):
             partition(k)  # a clear error for --students 3 or 0 before any work
         except ValueError as e:
             p.error(str(e))
+    if args.iters < 1:
+        p.error(f"--iters must be at least 1, got {args.iters}")
     if args.method not in ("dmd", "cd"):
         p.error(f"--method must be 'dmd' or 'cd', got {args.method!r}")
     if args.reg_pairs not in ("own", "all"):
