@@ -3,7 +3,10 @@
     python sample.py pairs --teacher teacher.pt --num 10000 --out pairs.npz     # MSD Sec. 3.2 / DMD
     python sample.py teacher --teacher teacher.pt --seeds 0-49999 --out teacher_imgs.zip
     python sample.py students --ckpt student_0.pt student_1.pt ... --seeds 0-49999 --out imgs.zip
-    torchrun --nproc_per_node=8 sample.py pairs --count 10000 ...              # same file, any world size
+    torchrun --nproc_per_node=8 sample.py pairs --count 10000 ...              # same output, any world size
+
+All modes run under torchrun and resume: finished chunks wait in `<out>.parts/` until the output is
+written, then that folder is removed (delete it yourself if you change the model mid-run).
 
 Every image depends only on its seed: its label, initial noise and churn noise come from a
 generator seeded with it (EDM's convention), so batch size and GPU count never change a result.
@@ -19,6 +22,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import zipfile
 
 import numpy as np
@@ -170,6 +174,80 @@ def write_images(out, images, labels, seeds):
             f.write(meta)
 
 
+class ImageFolder:
+    """Reader for EDM's dataset layout (what `write_images` writes, and EDM's `dataset_tool.py`):
+    a folder or .zip of PNGs, labels in dataset.json. Images load lazily (ImageNet-64 is 1.28M files).
+
+    classes: keep only these labels (MSD's per-partition data and per-partition FID).
+    resolution/channels: expected image shape; any other is an error naming the file.
+    Item i -> ((C, H, W) uint8 tensor, label int; -1 when the dataset has no labels).
+    """
+
+    def __init__(self, path, classes=None, resolution=None, channels=None, need_labels=False):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"dataset {path!r} does not exist")
+        self.path, self._zip = path, None
+        names = sorted(n for n in self._listdir() if n.lower().endswith((".png", ".jpg", ".jpeg")))
+        if not names:
+            raise ValueError(f"dataset {path!r} holds no .png/.jpg images")
+        meta = self._read("dataset.json") if "dataset.json" in self._listdir() else None
+        table = dict(json.loads(meta)["labels"] or []) if meta else {}
+        if (need_labels or classes is not None) and not table:
+            raise ValueError(f"dataset {path!r} has no labels (dataset.json with 'labels' expected)")
+        for n in names if table else []:
+            if n not in table:
+                raise ValueError(f"dataset {path!r}: image {n!r} has no label in dataset.json")
+        labels = [int(table[n]) if table else -1 for n in names]
+        if classes is not None:
+            keep = {int(c) for c in classes}
+            pairs = [(n, y) for n, y in zip(names, labels) if y in keep]
+            if not pairs:
+                raise ValueError(f"dataset {path!r} has no images of classes {sorted(keep)[:10]}")
+            names, labels = map(list, zip(*pairs))
+        self.names, self.labels = names, torch.tensor(labels, dtype=torch.long)
+        c, h, w = self[0][0].shape  # check the first image eagerly, the rest as they load
+        self.shape = (channels or c, resolution or h, resolution or w)
+
+    def _listdir(self):
+        if os.path.isdir(self.path):
+            return [os.path.relpath(os.path.join(r, f), self.path).replace(os.sep, "/")
+                    for r, _, fs in os.walk(self.path) for f in fs]
+        return self._zipfile().namelist()
+
+    def _zipfile(self):
+        if self._zip is None or self._zip[0] != os.getpid():  # one handle per (DataLoader worker) process
+            self._zip = (os.getpid(), zipfile.ZipFile(self.path))
+        return self._zip[1]
+
+    def _read(self, name):
+        if os.path.isdir(self.path):
+            with open(os.path.join(self.path, name), "rb") as f:
+                return f.read()
+        return self._zipfile().read(name)
+
+    def __len__(self):
+        return len(self.names)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        name = self.names[i]
+        try:
+            arr = np.array(Image.open(io.BytesIO(self._read(name))))
+        except Exception as e:
+            raise ValueError(f"dataset {self.path!r}: image {name!r} is corrupt or unreadable ({e})") from None
+        img = torch.from_numpy(arr[:, :, None] if arr.ndim == 2 else arr).permute(2, 0, 1)  # (C, H, W)
+        if hasattr(self, "shape") and tuple(img.shape) != self.shape:
+            raise ValueError(f"dataset {self.path!r}: image {name!r} has shape {tuple(img.shape)}, "
+                             f"expected {self.shape} (C, H, W)")
+        return img.contiguous(), int(self.labels[i])
+
+    def batches(self, batch):
+        """Yield ((B, C, H, W) uint8, (B,) labels) in order."""
+        for i in range(0, len(self), batch):
+            items = [self[j] for j in range(i, min(i + batch, len(self)))]
+            yield torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
+
+
 def save_grid(path, images, ncol=10):
     """A quick-look grid of uint8 images (N, C, H, W) as one PNG."""
     from PIL import Image
@@ -193,37 +271,48 @@ def dist_info():
     return int(os.environ.get("RANK", 0)), world
 
 
-def generate_pairs(D, seeds, out, batch, sample_kw, rank=0, world=1, device="cpu", autocast=None):
-    """Teacher (noise, label, image) triples for `seeds`, written resumably.
+def sharded(seeds, batch, parts, make, rank=0, world=1, desc="chunks"):
+    """Run `make(chunk) -> dict of arrays` over fixed chunks of `batch` seeds, resumably, on all ranks.
 
-    Seeds are cut into fixed chunks of `batch`; rank r takes chunks r, r+world, ...; each finished
-    chunk is saved atomically to `out.parts/`, so a killed run restarts where it stopped and the
-    merged file is identical for any world size. Returns True on the process that merged.
+    Rank r takes chunks r, r+world, ...; each finished chunk is saved atomically to the folder
+    `parts`, so a killed run restarts where it stopped and the merged result is identical for any
+    world size. Returns the merged dict on rank 0, None elsewhere.
     """
-    cfg = D.cfg
-    parts = out + ".parts"
     os.makedirs(parts, exist_ok=True)
     chunks = [seeds[i:i + batch] for i in range(0, len(seeds), batch)]
-    mine = chunks[rank::world]
-    for chunk in tqdm(mine, desc=f"pairs (rank {rank})", disable=rank != 0):
+    for chunk in tqdm(chunks[rank::world], desc=f"{desc} (rank {rank})", disable=rank != 0):
         path = os.path.join(parts, f"{chunk[0]:09d}.npz")
         if os.path.exists(path):
             continue  # resume: done already
-        rnd, labels, z = draw_inputs(chunk, cfg, device)
-        x = heun_sampler(D, z, labels, rnd, autocast=autocast, **sample_kw)
         tmp = path + ".tmp.npz"
-        np.savez(tmp, seeds=np.array(chunk), labels=labels.cpu().numpy(), noise=z.cpu().numpy(),
-                 images=to_uint8(x).cpu().numpy())
+        np.savez(tmp, **make(chunk))
         os.replace(tmp, path)
     if dist.is_initialized():
         dist.barrier()
     if rank != 0:
-        return False
+        return None
     data = [np.load(os.path.join(parts, f"{c[0]:09d}.npz")) for c in chunks]
-    merged = {k: np.concatenate([d[k] for d in data]) for k in ("seeds", "labels", "noise", "images")}
+    return {k: np.concatenate([d[k] for d in data]) for k in data[0].files}
+
+
+def generate_pairs(D, seeds, out, batch, sample_kw, rank=0, world=1, device="cpu", autocast=None):
+    """Teacher (noise, label, image) triples for `seeds` (MSD Sec. 3.2), written resumably to `out`.
+
+    Returns True on the process that wrote the file.
+    """
+    def make(chunk):
+        rnd, labels, z = draw_inputs(chunk, D.cfg, device)
+        x = heun_sampler(D, z, labels, rnd, autocast=autocast, **sample_kw)
+        return dict(seeds=np.array(chunk), labels=labels.cpu().numpy(), noise=z.cpu().numpy(),
+                    images=to_uint8(x).cpu().numpy())
+
+    merged = sharded(seeds, batch, out + ".parts", make, rank, world, "pairs")
+    if merged is None:
+        return False
     tmp = out + ".tmp.npz"
     np.savez(tmp, **merged)
     os.replace(tmp, out)
+    shutil.rmtree(out + ".parts")
     return True
 
 
@@ -273,8 +362,6 @@ def main(argv=None):
         if rank == 0:
             print(f"wrote {args.num} pairs to {args.out}")
         return
-    if world > 1:
-        p.error("teacher/students image output runs on one process for now (pairs supports torchrun)")
     seeds = parse_seeds(args.seeds)
     if args.mode == "teacher":
         D = edm_unet.load_model(args.teacher)[0].to(device).eval()
@@ -284,16 +371,19 @@ def main(argv=None):
         cfg = students[0].denoiser.cfg
     if args.cls is not None and not 0 <= args.cls < cfg.label_dim:
         p.error(f"--class {args.cls} is outside [0, {cfg.label_dim})")
-    images, labels = [], []
-    for i in tqdm(range(0, len(seeds), args.batch)):
-        chunk = seeds[i:i + args.batch]
+
+    def make(chunk):
         rnd, y, z = draw_inputs(chunk, cfg, device, args.cls)
         x = heun_sampler(D, z, y, rnd, autocast=autocast, **sample_kw) if owner is None else route(students, owner, z, y, autocast)
-        images.append(to_uint8(x).cpu()), labels.append(y.cpu())
-    images, labels = torch.cat(images), torch.cat(labels)
-    write_images(args.out, images, labels.tolist(), seeds)
-    save_grid(os.path.splitext(args.out.rstrip("/"))[0] + "_grid.png", images[:100])
-    print(f"wrote {len(seeds)} images to {args.out}")
+        return dict(images=to_uint8(x).cpu().numpy(), labels=y.cpu().numpy())
+
+    merged = sharded(seeds, args.batch, args.out.rstrip("/") + ".parts", make, rank, world, args.mode)
+    if rank == 0:
+        images = torch.from_numpy(merged["images"])
+        write_images(args.out, images, merged["labels"].tolist(), seeds)
+        save_grid(os.path.splitext(args.out.rstrip("/"))[0] + "_grid.png", images[:100])
+        shutil.rmtree(args.out.rstrip("/") + ".parts")
+        print(f"wrote {len(seeds)} images to {args.out}")
 
 
 if __name__ == "__main__":

@@ -65,11 +65,18 @@ def test_pairs_identical_for_world_size_1_and_2_and_resumable(tmp_path):
     for k in ("seeds", "labels", "noise", "images"):
         assert np.array_equal(a[k], b[k]), k
     assert a["images"].dtype == np.uint8 and a["noise"].dtype == np.float32 and list(a["seeds"]) == list(range(10))
-    # resume: a lost chunk is regenerated, the others are reused, the result is the same
+    # resume: a run killed after some chunks reuses them (tampered here to prove it) and writes the rest
     import os
-    os.remove(tmp_path / "one.npz.parts" / "000000003.npz")
-    sample.generate_pairs(D, list(range(10)), one, 3, kw)
-    assert np.array_equal(sample.load_pairs(one)["images"], a["images"])
+    three = str(tmp_path / "three.npz")
+    sample.generate_pairs(D, list(range(10)), three, 3, kw, rank=1, world=2)  # "killed": only chunks 1, 3
+    part = tmp_path / "three.npz.parts" / "000000003.npz"
+    d = dict(np.load(part))
+    d["images"][:] = 7
+    np.savez(part, **d)
+    assert sample.generate_pairs(D, list(range(10)), three, 3, kw)
+    c = sample.load_pairs(three)
+    assert (c["images"][3:6] == 7).all() and np.array_equal(c["images"][:3], a["images"][:3])
+    assert not os.path.exists(tmp_path / "three.npz.parts")  # cleaned up once the file is written
 
 
 def student_ckpts(tmp_path, partitions):
@@ -131,3 +138,13 @@ def test_pairs_under_torchrun_two_processes_equal_one_process(tmp_path):
     a, b = sample.load_pairs(str(tmp_path / "one.npz")), sample.load_pairs(str(tmp_path / "two.npz"))
     for k in a:
         assert np.array_equal(a[k], b[k]), k
+    # image modes shard the same way: routed student images from 2 processes equal 1 process
+    paths = student_ckpts(tmp_path, [list(range(5)), list(range(5, 10))])
+    common = ["students", "--ckpt", *paths, "--seeds", "0-6", "--batch", "2", "--device", "cpu"]
+    sample.main([*common, "--out", str(tmp_path / "one_imgs")])
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+                    os.path.join(root, "sample.py"), *common, "--out", str(tmp_path / "two_imgs")],
+                   check=True, env=env, cwd=root, capture_output=True, timeout=300)
+    x1 = next(sample.ImageFolder(str(tmp_path / "one_imgs")).batches(10))
+    x2 = next(sample.ImageFolder(str(tmp_path / "two_imgs")).batches(10))
+    assert torch.equal(x1[0], x2[0]) and torch.equal(x1[1], x2[1])
