@@ -95,10 +95,13 @@ def regression_loss(x, target, lpips_fn=None, size=224):
     """MSD Eq. 9: l(G(z), y) on the paired set.
 
     lpips_fn=None gives mean squared error (the 2-D toy); otherwise LPIPS on images upsampled
-    bilinearly to size x size as DMD does (MSD App. D.2.1). Images are in [-1, 1].
+    bilinearly to size x size as DMD does (MSD App. D.2.1). Images are in [-1, 1]; grey images
+    are repeated to the 3 channels VGG expects.
     """
     if lpips_fn is None:
         return F.mse_loss(x.float(), target.float())
+    if x.shape[1] == 1:
+        x, target = x.repeat(1, 3, 1, 1), target.repeat(1, 3, 1, 1)
     if x.shape[-1] != size:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
         target = F.interpolate(target, size=(size, size), mode="bilinear", align_corners=False)

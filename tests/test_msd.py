@@ -1,0 +1,139 @@
+"""msd.py: partitions, the DM step, frozen teacher, resume, torchrun equivalence, bad input, NaN skips."""
+import glob
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import dmd
+import edm_unet
+import msd
+import sample
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A tiny random teacher (16x16x1, 10 classes) and 16 teacher pairs from 2 Heun steps."""
+    d = tmp_path_factory.mktemp("msd")
+    torch.manual_seed(0)
+    D = edm_unet.build("tiny")
+    with torch.no_grad():
+        for p in D.parameters():
+            p.normal_(0, 0.02)
+    edm_unet.save_model(D, d / "teacher.pt")
+    sample.generate_pairs(D.eval(), list(range(16)), str(d / "pairs.npz"), 8, dict(num_steps=2))
+    return d
+
+
+def args(files, out, *extra):
+    return ["--teacher", str(files / "teacher.pt"), "--pairs", str(files / "pairs.npz"), "--out", str(out),
+            "--batch", "4", "--lpips-random", "--lpips-size", "32", "--precision", "fp32", "--device", "cpu",
+            "--num-students", "2", "--log-every", "1", "--sample-every", "1000", "--grad-probe-every", "0",
+            "--lr", "1e-3", *extra]
+
+
+def test_partitions_cover_every_class_once_and_equal_sized():
+    for split in ("consecutive", "random", "kmeans"):
+        emb = np.random.default_rng(0).normal(size=(12, 5))
+        parts = msd.make_partition(12, 4, split, seed=3, embeddings=emb)
+        assert sorted(c for p in parts for c in p) == list(range(12)), split
+        assert [len(p) for p in parts] == [3, 3, 3, 3], split
+    assert msd.make_partition(1000, 4)[1] == list(range(250, 500))  # the paper's consecutive blocks
+    assert msd.make_partition(12, 4, "random", seed=1) == msd.make_partition(12, 4, "random", seed=1)
+    assert msd.make_partition(12, 4, "random", seed=1) != msd.make_partition(12, 4, "random", seed=2)
+
+
+def test_kmeans_split_is_deterministic_and_groups_clusters():
+    rng = np.random.default_rng(0)
+    centers = np.array([[0, 0], [10, 0], [0, 10]], float)
+    emb = np.concatenate([c + rng.normal(0, 0.3, (4, 2)) for c in centers])[rng.permutation(12)]
+    a = msd.make_partition(12, 3, "kmeans", seed=0, embeddings=emb)
+    assert a == msd.make_partition(12, 3, "kmeans", seed=0, embeddings=emb)
+    truth = np.argmin(((emb[:, None] - centers[None]) ** 2).sum(-1), 1)
+    assert sorted(sorted(truth[p].tolist()) for p in a) == [[0] * 4, [1] * 4, [2] * 4]  # each part is one blob
+
+
+def test_bad_partition_is_a_clear_error_before_loading(tmp_path):
+    with pytest.raises(ValueError, match=r"--partition 4: expected 0..3"):
+        msd.main(["--partition", "4", "--num-students", "4", "--teacher", "nope.pt", "--device", "cpu"])
+    with pytest.raises(FileNotFoundError, match="--teacher 'nope.pt' does not exist"):
+        msd.main(["--teacher", "nope.pt", "--pairs", "nope.npz", "--device", "cpu"])
+    with pytest.raises(ValueError, match="--precision fp16 needs CUDA"):
+        msd.main(["--precision", "fp16", "--device", "cpu"])
+
+
+def test_dm_gradient_is_zero_when_fake_equals_real():
+    torch.manual_seed(0)
+    D = edm_unet.build("tiny").eval()
+    x = torch.randn(3, 1, 16, 16, requires_grad=True)
+    sigma, y = torch.tensor([0.5, 2.0, 10.0]), torch.tensor([1, 2, 3])
+    dmd.dm_step_loss(x, sigma, y, D, D, torch.randn_like(x)).backward()
+    assert x.grad.abs().max() == 0
+
+
+def test_one_step_trains_g_and_fake_and_leaves_teacher_frozen(files, tmp_path):
+    before = edm_unet.load_model(files / "teacher.pt")[0].state_dict()
+    r = msd.main(args(files, tmp_path / "o", "--iters", "1"))
+    for k, v in r["teacher"].state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert not any(p.requires_grad for p in r["teacher"].parameters())
+    changed = lambda m: sum(not torch.equal(v, before[k]) for k, v in m.state_dict().items())
+    assert changed(r["net"]) > 0 and changed(r["fake"]) > 0
+    assert np.isfinite([r["log"][k] for k in ("dm", "reg", "fake")]).all()
+    snap, ckpt = edm_unet.load_model(tmp_path / "o" / "student.pt")
+    assert ckpt["partition"] == [0, 1, 2, 3, 4] and ckpt["stage"] == "dm"
+
+
+def test_kill_and_resume_equals_straight_run_and_skips_a_truncated_checkpoint(files, tmp_path, capsys):
+    straight = msd.main(args(files, tmp_path / "a", "--iters", "4"))
+    msd.main(args(files, tmp_path / "b", "--iters", "3", "--ckpt-every", "1"))  # "killed" after step 3
+    newest = tmp_path / "b" / "resume-00000003.pt"
+    data = newest.read_bytes()
+    newest.write_bytes(data[: len(data) // 2])  # a checkpoint truncated on disk
+    resumed = msd.main(args(files, tmp_path / "b", "--iters", "4", "--resume"))
+    out = capsys.readouterr().out
+    assert "resume-00000003.pt' is corrupt or truncated" in out and "resumed from" in out and "resume-00000002.pt" in out
+    assert resumed["step"] == 4
+    for m in ("net", "fake"):
+        for (k, v), w in zip(straight[m].state_dict().items(), resumed[m].state_dict().values()):
+            assert torch.equal(v, w), (m, k)  # bitwise: every draw is a function of (seed, step)
+    names = sorted(os.path.basename(p) for p in glob.glob(str(tmp_path / "b" / "resume-*")))
+    assert names == ["resume-00000002.pt", "resume-00000003.pt.corrupt", "resume-00000004.pt"]
+
+
+def test_lpips_term_equals_the_lpips_package():
+    import lpips
+    torch.manual_seed(0)
+    fn = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)
+    x, t = torch.rand(2, 3, 16, 16) * 2 - 1, torch.rand(2, 3, 16, 16) * 2 - 1
+    up = lambda a: torch.nn.functional.interpolate(a, size=(64, 64), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(dmd.regression_loss(x, t, fn, size=64), fn(up(x), up(t)).mean())
+    grey = dmd.regression_loss(x[:, :1], t[:, :1], fn, size=64)  # 1-channel images go in as 3 equal channels
+    torch.testing.assert_close(grey, fn(up(x[:, :1]).repeat(1, 3, 1, 1), up(t[:, :1]).repeat(1, 3, 1, 1)).mean())
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(files, tmp_path, monkeypatch):
+    real = msd.generator_losses
+
+    def poisoned(*a, **k):
+        terms, x = real(*a, **k)
+        return {**terms, "dm": terms["dm"] * float("nan")}, x
+    monkeypatch.setattr(msd, "generator_losses", poisoned)
+    with pytest.raises(RuntimeError, match="3 non-finite steps in a row at step 3"):
+        msd.main(args(files, tmp_path / "n", "--iters", "5", "--max-bad-steps", "2"))
+
+
+def test_two_process_torchrun_equals_one_process(files, tmp_path):
+    one = msd.main(args(files, tmp_path / "one", "--iters", "2", "--micro-batch", "1"))  # accumulation path
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518",
+                    os.path.join(ROOT, "msd.py"), *args(files, tmp_path / "two", "--iters", "2")],
+                   check=True, env=env, cwd=ROOT, capture_output=True, timeout=600)
+    two, _ = edm_unet.load_model(tmp_path / "two" / "student.pt")
+    for (k, v), w in zip(one["net"].state_dict().items(), two.state_dict().values()):
+        torch.testing.assert_close(v, w, atol=1e-5, rtol=1e-4, msg=k)
