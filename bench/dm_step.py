@@ -1,0 +1,137 @@
+"""Speed of msd.py's DM training step: ms/iter, img/s, peak memory, and where the time goes.
+
+    python bench/dm_step.py                                   # CPU: tiny preset, batch 8, fp32
+    python bench/dm_step.py --device cuda --preset B --batch 32 --precision bf16 [--compile] [--lpips-size 224]
+
+Runs the real loop (`msd.main`) on a random-weight teacher of the preset and a small random paired
+set (no download: LPIPS uses a random VGG of the real architecture, same cost as the pretrained
+one). The first --steps iterations are warm-up (and compilation); the figures are from the next
+--steps. --parts also times each part of the step on its own (synchronised), for a profile table.
+"""
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import dmd  # noqa: E402
+import edm_unet  # noqa: E402
+import msd  # noqa: E402
+import sample  # noqa: E402
+
+
+def fake_pairs(cfg, path, n=256):
+    """A paired-set file of the right shapes (random images: speed does not depend on them)."""
+    import numpy as np
+    g = torch.Generator().manual_seed(0)
+    shape = (n, cfg.img_channels, cfg.img_resolution, cfg.img_resolution)
+    np.savez(path, seeds=np.arange(n), labels=torch.randint(cfg.label_dim, (n,), generator=g).numpy(),
+             noise=torch.randn(shape, generator=g).numpy(), images=torch.randint(0, 256, shape, generator=g, dtype=torch.uint8).numpy())
+
+
+def timed(fn, device, reps=5):
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 1000 * (time.perf_counter() - t) / reps
+
+
+def parts(args, teacher_path, device):
+    """Each part of one DM step alone, in ms (same shapes and precision as the loop)."""
+    import lpips
+    T = edm_unet.load_model(teacher_path)[0].to(device).eval().requires_grad_(False)
+    G_net, fake = edm_unet.load_model(teacher_path)[0].to(device).eval(), edm_unet.load_model(teacher_path)[0].to(device).eval()
+    if args.compile:
+        T, fake_c, G_c = torch.compile(T), torch.compile(fake), torch.compile(G_net)
+    else:
+        fake_c, G_c = fake, G_net
+    G = edm_unet.OneStep(G_c)
+    lp = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False).to(device).eval().requires_grad_(False)
+    B, cfg = args.batch, T.cfg if not args.compile else T._orig_mod.cfg
+    shape = (B, cfg.img_channels, cfg.img_resolution, cfg.img_resolution)
+    z, y, s = torch.randn(shape, device=device), torch.randint(cfg.label_dim, (B,), device=device), torch.full((B,), 2.0, device=device)
+    ctx = lambda: sample.amp(device.type, {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision])
+    opt = torch.optim.AdamW(G_net.parameters(), lr=1e-9)
+
+    def g_fwd_bwd():
+        with ctx():
+            G(torch.cat([z, z]), torch.cat([y, y])).float().mean().backward()
+
+    def no_grad(m):
+        def f():
+            with torch.no_grad(), ctx():
+                m(z, s, y)
+        return f
+
+    def fake_fwd_bwd():
+        with ctx():
+            dmd.denoise_loss(fake_c, z, s, y, 0.5).backward()
+
+    def lpips_fwd_bwd():
+        x = z.clone().requires_grad_(True)
+        with ctx():
+            dmd.regression_loss(x, z, lp, args.lpips_size).backward()
+
+    def adamw():
+        for p in G_net.parameters():
+            p.grad = torch.zeros_like(p) if p.grad is None else p.grad
+        torch.nn.utils.clip_grad_norm_(G_net.parameters(), 10.0)
+        opt.step()
+
+    rows = [("G forward+backward (DM + regression, 2B images)", timed(g_fwd_bwd, device)),
+            ("teacher forward (Eq. 6)", timed(no_grad(T), device)),
+            ("fake-score forward (Eq. 6)", timed(no_grad(fake_c), device)),
+            ("fake-score forward+backward (Eq. 8)", timed(fake_fwd_bwd, device)),
+            (f"LPIPS-VGG forward+backward at {args.lpips_size} px", timed(lpips_fwd_bwd, device)),
+            ("clip + AdamW step (one net)", timed(adamw, device))]
+    total = sum(ms for _, ms in rows) + rows[-1][1]  # two optimiser steps per iteration
+    print(f"\n| part (batch {B}, {args.precision}{', compiled' if args.compile else ''}) | ms | share |\n| --- | --- | --- |")
+    for name, ms in rows:
+        print(f"| {name} | {ms:.1f} | {100 * ms / total:.0f}% |")
+    print(f"| sum of parts (AdamW counted twice) | {total:.1f} | |")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--batch", type=int, default=8, help="global batch (one process)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--lpips-size", type=int, default=224)
+    p.add_argument("--steps", type=int, default=5, help="warm-up steps, then the same number measured")
+    p.add_argument("--parts", action="store_true", help="also time each part of the step alone")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        D = edm_unet.build(args.preset)
+        teacher = os.path.join(tmp, "teacher.pt")
+        edm_unet.save_model(D, teacher)
+        fake_pairs(D.cfg, os.path.join(tmp, "pairs.npz"))
+        del D
+        r = msd.main(["--teacher", teacher, "--pairs", os.path.join(tmp, "pairs.npz"), "--out", os.path.join(tmp, "out"),
+                      "--batch", str(args.batch), "--precision", args.precision, "--device", args.device,
+                      "--lpips-random", "--lpips-size", str(args.lpips_size), "--iters", str(2 * args.steps),
+                      "--log-every", str(args.steps), "--grad-probe-every", "0", "--sample-every", "1000000",
+                      "--ckpt-every", "1000000", "--num-students", "1", *(["--compile"] if args.compile else [])])
+        log = r["log"]
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+        print(f"\nDM step, {args.preset}, batch {args.batch}, {args.precision}{', compiled' if args.compile else ''}, "
+              f"LPIPS at {args.lpips_size} px, {name}, torch {torch.__version__}: {log['ms_per_iter']} ms/iter, "
+              f"{log['img_per_s']} img/s" + (f", peak {log['peak_gib']} GiB" if "peak_gib" in log else ""))
+        if args.parts:
+            parts(args, teacher, device)
+
+
+if __name__ == "__main__":
+    main()
