@@ -9,11 +9,13 @@ network of `edm-imagenet-64x64-cond-adm.pkl` loads 1:1 (strict).
     python edm_unet.py --import-edm edm-imagenet-64x64-cond-adm.pkl --out teacher.pt
 """
 import argparse
+import ast
 import copy
 import io
 import math
 import os
 import pickle
+import re
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -246,6 +248,21 @@ class OneStep(nn.Module):
 def build(preset_or_cfg, **overrides):
     cfg = PRESETS[preset_or_cfg] if isinstance(preset_or_cfg, str) else preset_or_cfg
     return EDMPrecond(UNetConfig(**{**asdict(cfg), **overrides}))
+
+
+def parse_overrides(text):
+    """"model_channels=32,channel_mult=(1,2)" -> dict of UNetConfig overrides (Python literals)."""
+    fields = set(UNetConfig.__dataclass_fields__)
+    out = {}
+    for item in filter(None, re.split(r",(?![^(]*\))", text)):
+        key, _, value = item.partition("=")
+        if key.strip() not in fields:
+            raise ValueError(f"{item!r}: {key.strip()!r} is not a UNetConfig field ({sorted(fields)})")
+        try:
+            out[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            raise ValueError(f"{item!r}: {value!r} is not a Python literal") from None
+    return out
 
 
 def count_params(cfg: UNetConfig):

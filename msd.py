@@ -17,7 +17,6 @@ import dataclasses
 import glob
 import json
 import os
-import re
 import time
 import typing
 
@@ -74,6 +73,7 @@ class Config:
     lpips_random: bool = False          # tests only: LPIPS with random VGG (no download)
     precision: str = "bf16"             # bf16 | fp16 (GradScaler) | fp32; "mixed precision" (App. D.2.1)
     compile: bool = False
+    channels_last: bool = False         # NHWC weights/activations (pays off with --compile on GPUs)
     device: str = ""                    # "" = cuda if available, else cpu
     seed: int = 0
     log_every: int = 100
@@ -163,25 +163,12 @@ def check_config(cfg):
             raise FileNotFoundError(f"--{name} {getattr(cfg, name)!r} does not exist")
     if cfg.stage == "tsm" and not (cfg.preset or cfg.init):
         raise ValueError("--stage tsm needs --preset (a fresh student) or --init (a checkpoint)")
-    parse_arch(cfg.arch)
+    try:
+        edm_unet.parse_overrides(cfg.arch)
+    except ValueError as e:
+        raise ValueError(f"--arch {e}") from None
     if cfg.preset and cfg.preset not in edm_unet.PRESETS:
         raise ValueError(f"--preset {cfg.preset!r}: expected one of {list(edm_unet.PRESETS)}")
-
-
-def parse_arch(text):
-    """"model_channels=32,channel_mult=(1,2)" -> dict of UNetConfig overrides (Python literals)."""
-    import ast
-    fields = {f.name for f in dataclasses.fields(edm_unet.UNetConfig)}
-    out = {}
-    for item in filter(None, re.split(r",(?![^(]*\))", text)):
-        key, _, value = item.partition("=")
-        if key.strip() not in fields:
-            raise ValueError(f"--arch {item!r}: {key.strip()!r} is not a UNetConfig field ({sorted(fields)})")
-        try:
-            out[key.strip()] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            raise ValueError(f"--arch {item!r}: {value!r} is not a Python literal") from None
-    return out
 
 
 def setup_dist(cfg):
@@ -207,7 +194,7 @@ def build_nets(cfg, device):
     """The stage's networks: frozen teacher, the trained net (G's denoiser or the TSM student), fake score, head."""
     teacher = edm_unet.load_model(cfg.teacher)[0] if cfg.teacher else None
     if cfg.stage == "tsm":
-        net = edm_unet.load_model(cfg.init)[0] if cfg.init else edm_unet.build(cfg.preset, **parse_arch(cfg.arch))
+        net = edm_unet.load_model(cfg.init)[0] if cfg.init else edm_unet.build(cfg.preset, **edm_unet.parse_overrides(cfg.arch))
         fake = head = None
     else:
         net = edm_unet.load_model(cfg.init)[0] if cfg.init else copy.deepcopy(teacher)  # DMD Alg. 1: G <- teacher
@@ -402,6 +389,10 @@ def train(cfg):
             lpips_fn = lpips.LPIPS(net="vgg", pnet_rand=cfg.lpips_random, verbose=False).to(device).eval()
         lpips_fn.requires_grad_(False)
 
+    if cfg.channels_last:
+        for m in (teacher, net, fake):
+            if m is not None:
+                m.to(memory_format=torch.channels_last)
     critic = adm.FakeWithHead(fake, head) if head is not None else fake  # what the second optimiser trains
     adamw = lambda params: torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
     opt_net = adamw(net.parameters())

@@ -33,12 +33,12 @@ import msd  # noqa: E402
 import sample  # noqa: E402
 import tsm  # noqa: E402
 
-ARCH = "model_channels=32,img_resolution=8,attn_resolutions=(4,)"  # the tiny preset at 8x8, 1.0M params
-FULL = dict(teacher_iters=3000, teacher_batch=128, teacher_lr=2e-3, pairs=1000, heun_steps=32,
-            student_iters=400, student_batch=32, student_lr=2e-4, lambda_reg=1.0, samples=1000,
+ARCH = "model_channels=32,img_resolution=8,attn_resolutions=(4,)"  # the tiny preset at 8x8, 0.83M params
+FULL = dict(teacher_iters=2500, teacher_batch=128, teacher_lr=2e-3, pairs=1000, heun_steps=32,
+            student_iters=350, student_batch=32, student_lr=2e-4, lambda_reg=1.0, student_ema=1.0, samples=1000,
             seeds=(0, 1, 2), ks=(1, 2, 5), clf_epochs=40)
 QUICK = dict(teacher_iters=20, teacher_batch=32, teacher_lr=2e-3, pairs=100, heun_steps=4,
-             student_iters=3, student_batch=8, student_lr=2e-4, lambda_reg=1.0, samples=100,
+             student_iters=3, student_batch=8, student_lr=2e-4, lambda_reg=1.0, student_ema=1.0, samples=100,
              seeds=(0,), ks=(1, 2, 5), clf_epochs=2)
 
 
@@ -146,6 +146,14 @@ def main(argv=None):
     refs.append(evaluate.stats(evaluate.features([(tx, ty)], clf, rgb=False)[0]))  # teacher samples
     (fd_teacher_data, _), teacher_acc = measure(clf, tx, ty, refs)
     print(f"teacher: FD to held-out data {fd_teacher_data:.2f}, label accuracy {teacher_acc:.3f}", flush=True)
+    # noise floors of the metric: real vs real (train digits vs held-out), teacher vs teacher (other seeds)
+    floor_data = measure(clf, train[0][:len(test[0])], train[1][:len(test[0])], refs)[0][0]
+    other = f"200000-{200000 + n - 1}"
+    if not os.path.exists(j("teacher_samples2", "dataset.json")):
+        run(sample, ["teacher", "--teacher", teacher, "--seeds", other, "--out", j("teacher_samples2"), *heun])
+    floor_teacher = measure(clf, *read(j("teacher_samples2")), refs)[0][1]
+    floors = (floor_data, floor_teacher)
+    print(f"metric floors: real vs held-out {floor_data:.2f}, teacher vs teacher {floor_teacher:.2f}", flush=True)
 
     rows = []
     for seed in hp["seeds"]:
@@ -157,7 +165,7 @@ def main(argv=None):
                     run(msd, ["--teacher", teacher, "--pairs", j("pairs.npz"), "--partition", str(k), "--num-students", str(K),
                               "--iters", str(hp["student_iters"]), "--batch", str(hp["student_batch"]),
                               "--lr", str(hp["student_lr"]), "--reg-loss", "mse", "--lambda-reg", str(hp["lambda_reg"]),
-                              "--seed", str(seed), "--log-every", "100", "--ckpt-every", "1000000",
+                              "--ema-halflife-kimg", str(hp["student_ema"]), "--seed", str(seed), "--log-every", "100", "--ckpt-every", "1000000",
                               "--out", os.path.join(run_dir, f"p{k}"), *common])
             wall = time.time() - t0
             if not os.path.exists(os.path.join(run_dir, "samples", "dataset.json")):
@@ -169,16 +177,16 @@ def main(argv=None):
             print(f"seed {seed} K {K}: FD data {fd_data:.2f} FD teacher {fd_teacher:.2f} label acc {acc:.3f} "
                   f"({wall:.0f} s training)", flush=True)
 
-    table = report(rows, hp, clf_acc, fd_teacher_data, teacher_acc, t_teacher, time.time() - t_start)
+    table = report(rows, hp, clf_acc, fd_teacher_data, teacher_acc, t_teacher, floors, time.time() - t_start)
     print(table)
     if not args.quick:
         with open(os.path.join(ROOT, "bench", "digits_results.md"), "w") as f:
             f.write(table)
-        figure(rows, hp, args.out, os.path.join(ROOT, "docs", "digits.png"))
+        figure(rows, hp, args.out, os.path.join(ROOT, "docs", "digits.png"), floors)
     return rows
 
 
-def report(rows, hp, clf_acc, fd_teacher_data, teacher_acc, t_teacher, total):
+def report(rows, hp, clf_acc, fd_teacher_data, teacher_acc, t_teacher, floors, total):
     lines = ["| K | FD to held-out data | FD to teacher | label accuracy | student training (s) |", "| --- | --- | --- | --- | --- |"]
     for K in hp["ks"]:
         r = [x for x in rows if x["K"] == K]
@@ -186,17 +194,19 @@ def report(rows, hp, clf_acc, fd_teacher_data, teacher_acc, t_teacher, total):
         lines.append(f"| {K} | {f('fd_data', '.2f')} | {f('fd_teacher', '.2f')} | {f('acc', '.3f')} | {f('wall', '.0f')} |")
     lines += ["", f"mean ± std over seeds {list(hp['seeds'])}; {hp['samples']} routed samples per run. "
               f"Teacher (trained once, {t_teacher:.0f} s with pairs and samples): FD to data {fd_teacher_data:.2f}, "
-              f"label accuracy {teacher_acc:.3f}. Classifier test accuracy {clf_acc:.3f}. Total {total:.0f} s.", ""]
+              f"label accuracy {teacher_acc:.3f}. Metric floors: 297 real training digits vs "
+              f"held-out {floors[0]:.2f}; teacher vs teacher (other seeds) {floors[1]:.2f}. "
+              f"Classifier test accuracy {clf_acc:.3f}. Total {total:.0f} s.", ""]
     return "\n".join(lines)
 
 
-def figure(rows, hp, out, path):
+def figure(rows, hp, out, path, floors):
     """Left: one sample grid per K (row = class) for the first seed; right: FD vs K."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     ks = hp["ks"]
-    fig, axes = plt.subplots(1, len(ks) + 1, figsize=(3 * (len(ks) + 1), 3.2))
+    fig, axes = plt.subplots(1, len(ks) + 1, figsize=(3 * (len(ks) + 1), 3.6))
     for ax, K in zip(axes, ks):
         x, y = read(os.path.join(out, f"seed{hp['seeds'][0]}", f"K{K}", "samples"))
         grid = torch.cat([torch.cat(list(x[y == c][:10, 0]), dim=1) for c in range(10)], dim=0)
@@ -206,8 +216,11 @@ def figure(rows, hp, out, path):
         m = [np.mean([r[key] for r in rows if r["K"] == K]) for K in ks]
         s = [np.std([r[key] for r in rows if r["K"] == K]) for K in ks]
         ax.errorbar(ks, m, yerr=s, marker="o", capsize=3, label=name)
-    ax.set_xlabel("students K"), ax.set_ylabel("Frechet distance (classifier features)"), ax.set_xticks(ks), ax.legend()
-    fig.tight_layout()
+    for y_, name in zip(floors, ("floor: real vs held-out", "floor: teacher vs teacher")):
+        ax.axhline(y_, ls="--", lw=1, color="gray")
+        ax.text(ks[-1], y_, name, ha="right", va="bottom", fontsize=7, color="gray")
+    ax.set_xlabel("students K"), ax.set_ylabel("Frechet distance (classifier features)"), ax.set_xticks(ks), ax.legend(fontsize=8)
+    fig.tight_layout(pad=1.0)
     fig.savefig(path, dpi=120)
 
 

@@ -107,6 +107,7 @@ def main(argv=None):
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--channels-last", action="store_true")
     p.add_argument("--lpips-size", type=int, default=224)
     p.add_argument("--steps", type=int, default=5, help="warm-up steps, then the same number measured")
     p.add_argument("--parts", action="store_true", help="also time each part of the step alone")
@@ -123,7 +124,8 @@ def main(argv=None):
                       "--batch", str(args.batch), "--precision", args.precision, "--device", args.device,
                       "--lpips-random", "--lpips-size", str(args.lpips_size), "--iters", str(2 * args.steps),
                       "--log-every", str(args.steps), "--grad-probe-every", "0", "--sample-every", "1000000",
-                      "--ckpt-every", "1000000", "--num-students", "1", *(["--compile"] if args.compile else [])])
+                      "--ckpt-every", "1000000", "--num-students", "1", *(["--compile"] if args.compile else []),
+                      *(["--channels-last"] if args.channels_last else [])])
         log = r["log"]
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
         print(f"\nDM step, {args.preset}, batch {args.batch}, {args.precision}{', compiled' if args.compile else ''}, "
