@@ -55,8 +55,13 @@ def denoise_loss(denoiser, x, sigma, labels, sigma_data, noise=None):
     if noise is None:
         noise = torch.randn_like(x)
     x_t = x + _bcast(sigma, x) * noise
-    err = (denoiser(x_t, sigma, labels).float() - x.float()) ** 2
-    return (_bcast(edm_weight(sigma, sigma_data), x) * err).mean()
+    return weighted_error(denoiser(x_t, sigma, labels), x, sigma, sigma_data)
+
+
+def weighted_error(denoised, target, sigma, sigma_data):
+    """mean(lambda_t ||denoised - target||^2) in float32: the EDM-weighted error of Eq. 3 and Eq. 8."""
+    err = (denoised.float() - target.float()) ** 2
+    return (_bcast(edm_weight(sigma, sigma_data), err) * err).mean()
 
 
 def dm_grad(x, mu_real, mu_fake):

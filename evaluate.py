@@ -14,7 +14,6 @@ published https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/imagenet-64x64.npz works
 per-partition FID. Any other feature extractor (bench/digits.py's classifier) plugs into `features`.
 """
 import argparse
-import os
 from unittest import mock
 
 import numpy as np
@@ -106,9 +105,7 @@ def inception_score(logits, splits=10):
 
 
 def save_stats(path, mu, sigma):
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, mu=mu, sigma=sigma)
-    os.replace(tmp, path)
+    sample.atomic_savez(path, mu=mu, sigma=sigma)
 
 
 def load_stats(path):

@@ -216,10 +216,6 @@ def build_nets(cfg, device):
     return teacher, net, fake, head
 
 
-def images_to_float(u8):
-    return u8.float() / 127.5 - 1 - 1 / 255  # inverse of sample.to_uint8: (u - 128) / 127.5
-
-
 def load_pairs(cfg, partition, model_cfg, device):
     """Paired set (Eq. 9) on the device; F_DM keeps all pairs (Sec. 3.2), `own` keeps the partition's."""
     p = sample.load_pairs(cfg.pairs)
@@ -229,7 +225,7 @@ def load_pairs(cfg, partition, model_cfg, device):
                          f"the model ({want}, {model_cfg.label_dim} classes)")
     keep = np.isin(p["labels"], partition) if cfg.reg_pairs == "own" else np.ones(len(p["labels"]), bool)
     return (torch.from_numpy(p["noise"][keep]).to(device), torch.from_numpy(p["labels"][keep]).to(device),
-            images_to_float(torch.from_numpy(p["images"][keep]).to(device)))
+            sample.from_uint8(torch.from_numpy(p["images"][keep]).to(device)))
 
 
 def rng(cfg, step, stream, device):
@@ -239,7 +235,7 @@ def rng(cfg, step, stream, device):
 
 
 def amp(cfg, device):
-    return sample.amp(device.type, {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision])
+    return sample.amp(device.type, sample.AUTOCAST[cfg.precision])
 
 
 # ----------------------------------------------------------------------------- losses of one micro-batch
@@ -261,24 +257,28 @@ def generator_losses(cfg, G, teacher, fake, critic, lpips_fn, b, pairs):
     return terms, x
 
 
+def loss_weights(cfg):
+    """The weight of every loss term, by the name the loss functions give it."""
+    return {"dm": 1.0, "reg": cfg.lambda_reg, "gan_g": cfg.lambda_gan_g, "fake": 1.0, "gan_d": cfg.lambda_gan_d, "tsm": 1.0}
+
+
 def weighted(cfg, terms):
-    w = {"dm": 1.0, "reg": cfg.lambda_reg, "gan_g": cfg.lambda_gan_g, "fake": 1.0, "gan_d": cfg.lambda_gan_d, "tsm": 1.0}
+    w = loss_weights(cfg)
     return sum(w[k] * v for k, v in terms.items())
 
 
-def critic_losses(cfg, critic, x, b, real=None):
+def critic_losses(cfg, critic, x, b, sigma_data, real=None):
     """mu_fake's denoising loss on detached G samples (Eq. 8) [+ the GAN discriminator loss (adm)].
 
     adm: real images and G samples are noised at the same sigma and go through one critic forward.
     """
     sigma, noise = b["sigma_fake"], b["noise_fake"]
     if cfg.stage == "dm":
-        return {"fake": dmd.denoise_loss(critic, x, sigma, b["y"], b["sigma_data"], noise)}
+        return {"fake": dmd.denoise_loss(critic, x, sigma, b["y"], sigma_data, noise)}
     n, sigma2 = len(x), torch.cat([sigma, sigma])
     x_t = torch.cat([x, real[0]]) + dmd._bcast(sigma2, x) * torch.cat([noise, b["noise_real"]])
     denoised, logits = critic(x_t, sigma2, torch.cat([b["y"], real[1]]))
-    lam = dmd._bcast(dmd.edm_weight(sigma, b["sigma_data"]), x)
-    return {"fake": (lam * (denoised[:n].float() - x.float()) ** 2).mean(),
+    return {"fake": dmd.weighted_error(denoised[:n], x, sigma, sigma_data),
             "gan_d": adm.gan_d_loss(logits[:n], logits[n:])}
 
 
@@ -292,7 +292,7 @@ def save_resume(cfg, step, state, keep=2):
         os.remove(old)
 
 
-def load_resume(cfg):
+def load_resume(cfg, master=True):
     """Newest loadable resume file; a corrupt or truncated one is reported and skipped. None if none."""
     for path in sorted(glob.glob(os.path.join(cfg.out, "resume-*.pt")), reverse=True):
         try:
@@ -301,7 +301,7 @@ def load_resume(cfg):
             continue  # renamed by rank 0 meanwhile
         except ValueError as e:
             print(f"warning: {e}; trying the previous checkpoint")
-            if int(os.environ.get("RANK", 0)) == 0:
+            if master:
                 os.replace(path, path + ".corrupt")  # out of the rotation, kept for inspection
     return None, None
 
@@ -345,7 +345,7 @@ def draw_batch(cfg, step, stream, shape, classes, sigmas, device, n_pairs=0, n_r
 def real_batch(real, idx, device):
     """Real images (B, C, H, W) in [-1, 1] and their labels, from an ImageFolder."""
     items = [real[i] for i in idx.tolist()]
-    return (images_to_float(torch.stack([x for x, _ in items]).to(device)),
+    return (sample.from_uint8(torch.stack([x for x, _ in items]).to(device)),
             torch.tensor([y for _, y in items], device=device))
 
 
@@ -401,7 +401,7 @@ def train(cfg):
     ema = copy.deepcopy(net).eval().requires_grad_(False) if cfg.ema_halflife_kimg else None
 
     step, skipped = 0, 0
-    ckpt, path = load_resume(cfg) if cfg.resume else (None, None)
+    ckpt, path = load_resume(cfg, master) if cfg.resume else (None, None)
     if ckpt is not None:
         if ckpt["partition"] != partition or ckpt["config"]["stage"] != cfg.stage:
             raise ValueError(f"{path} is stage {ckpt['config']['stage']} with partition {ckpt['partition'][:5]}...; "
@@ -439,7 +439,6 @@ def train(cfg):
         torch.manual_seed(cfg.seed * 7919 + step * 131 + rank)  # dropout (tsm): a pure function of the step
         # --- 1. update the trained net: G (dm/adm, DMD Alg. 1) or the TSM student (Eq. 3)
         b_all = draw_batch(cfg, step, 0, shape, classes, sigmas, device, n_pairs, n_real)
-        b_all["sigma_data"] = torch.full((cfg.batch,), mcfg.sigma_data, device=device)
         xs = []
         if critic is not None:
             critic.requires_grad_(False)  # the GAN term's gradient goes through the critic into G only
@@ -467,14 +466,13 @@ def train(cfg):
         for j in range(cfg.fake_steps_per_gen if critic is not None else 0):
             if j > 0:
                 b_all = draw_batch(cfg, step, 1 + j, shape, classes, sigmas, device, 0, n_real)
-                b_all["sigma_data"] = torch.full((cfg.batch,), mcfg.sigma_data, device=device)
             for i, b in micro_batches(b_all, rank * per_rank, micro, accum):
                 if j > 0:
                     with torch.no_grad(), ctx():
                         xs[i] = G(b["z"], b["y"]).detach()
                 r = real_batch(real, b["real_idx"], device) if cfg.stage == "adm" else None
                 with no_sync(critic_train, i), ctx():
-                    terms = critic_losses(cfg, critic_train, xs[i], b, r)
+                    terms = critic_losses(cfg, critic_train, xs[i], b, mcfg.sigma_data, r)
                     (weighted(cfg, terms) / accum).backward()
                 for k, v in terms.items():
                     terms_acc[k] = terms_acc.get(k, 0) + v.detach().float() / (accum * cfg.fake_steps_per_gen)
@@ -530,8 +528,7 @@ def grad_probe(cfg, net, teacher, fake, critic, lpips_fn, b, pairs, ctx):
         critic.requires_grad_(False)
     with ctx():
         terms, _ = generator_losses(cfg, edm_unet.OneStep(net), teacher, fake, critic, lpips_fn, b, pairs)
-    w = {"dm": 1.0, "reg": cfg.lambda_reg, "gan_g": cfg.lambda_gan_g}
-    out = {}
+    w, out = loss_weights(cfg), {}
     for k, v in terms.items():
         grads = torch.autograd.grad(w[k] * v, params, retain_graph=True, allow_unused=True)
         out[k] = float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None)))
@@ -566,9 +563,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    cfg = parse_args(argv)
-    cfg.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return train(cfg)
+    return train(parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -58,6 +58,9 @@ def draw_inputs(seeds, cfg, device, cls=None):
     return rnd, y, z
 
 
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # --precision -> autocast dtype
+
+
 def amp(device_type, dtype):
     """The caller's autocast context, or none for fp32."""
     return torch.autocast(device_type, dtype=dtype) if dtype else contextlib.nullcontext()
@@ -109,6 +112,18 @@ def heun_sampler(D, z, labels, rnd=None, num_steps=256, sigma_min=0.002, sigma_m
 def to_uint8(x):
     """[-1, 1] float -> uint8 as EDM writes PNGs."""
     return (x * 127.5 + 128).clip(0, 255).to(torch.uint8)
+
+
+def from_uint8(u8):
+    """The inverse of to_uint8: (u - 128) / 127.5, float32 in [-1.004, 0.996]."""
+    return u8.float() / 127.5 - 1 - 1 / 255
+
+
+def atomic_savez(path, **arrays):
+    """np.savez to a temp file, then rename: a reader never sees half a file."""
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- routing
@@ -187,10 +202,11 @@ class ImageFolder:
         if not os.path.exists(path):
             raise FileNotFoundError(f"dataset {path!r} does not exist")
         self.path, self._zip = path, None
-        names = sorted(n for n in self._listdir() if n.lower().endswith((".png", ".jpg", ".jpeg")))
+        files = self._listdir()
+        names = sorted(n for n in files if n.lower().endswith((".png", ".jpg", ".jpeg")))
         if not names:
             raise ValueError(f"dataset {path!r} holds no .png/.jpg images")
-        meta = self._read("dataset.json") if "dataset.json" in self._listdir() else None
+        meta = self._read("dataset.json") if "dataset.json" in files else None
         table = dict(json.loads(meta)["labels"] or []) if meta else {}
         if (need_labels or classes is not None) and not table:
             raise ValueError(f"dataset {path!r} has no labels (dataset.json with 'labels' expected)")
@@ -284,9 +300,7 @@ def sharded(seeds, batch, parts, make, rank=0, world=1, desc="chunks"):
         path = os.path.join(parts, f"{chunk[0]:09d}.npz")
         if os.path.exists(path):
             continue  # resume: done already
-        tmp = path + ".tmp.npz"
-        np.savez(tmp, **make(chunk))
-        os.replace(tmp, path)
+        atomic_savez(path, **make(chunk))
     if dist.is_initialized():
         dist.barrier()
     if rank != 0:
@@ -309,9 +323,7 @@ def generate_pairs(D, seeds, out, batch, sample_kw, rank=0, world=1, device="cpu
     merged = sharded(seeds, batch, out + ".parts", make, rank, world, "pairs")
     if merged is None:
         return False
-    tmp = out + ".tmp.npz"
-    np.savez(tmp, **merged)
-    os.replace(tmp, out)
+    atomic_savez(out, **merged)
     shutil.rmtree(out + ".parts")
     return True
 
@@ -352,7 +364,7 @@ def main(argv=None):
         p.error(f"mode {args.mode} needs --teacher")
     if args.mode == "students" and not args.ckpt:
         p.error("mode students needs --ckpt student_0.pt ...")
-    autocast = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    autocast = AUTOCAST[args.precision]
     sample_kw = dict(num_steps=args.steps, S_churn=args.S_churn, S_min=args.S_min, S_max=args.S_max, S_noise=args.S_noise)
     rank, world = dist_info()
     device = torch.device(args.device, rank % max(1, torch.cuda.device_count())) if args.device == "cuda" else torch.device(args.device)

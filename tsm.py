@@ -26,9 +26,8 @@ def tsm_loss(student, teacher, x, sigma, labels, sigma_data, noise):
         return dmd.denoise_loss(student, x, sigma, labels, sigma_data, noise)
     x_t = x + dmd._bcast(sigma, x) * noise
     with torch.no_grad():
-        target = teacher(x_t, sigma, labels).float()
-    err = (student(x_t, sigma, labels).float() - target) ** 2
-    return (dmd._bcast(dmd.edm_weight(sigma, sigma_data), x) * err).mean()
+        target = teacher(x_t, sigma, labels)
+    return dmd.weighted_error(student(x_t, sigma, labels), target, sigma, sigma_data)
 
 
 def main(argv=None):

@@ -9,6 +9,7 @@ one). The first --steps iterations are warm-up (and compilation); the figures ar
 --steps. --parts also times each part of the step on its own (synchronised), for a profile table.
 """
 import argparse
+import copy
 import os
 import sys
 import tempfile
@@ -48,18 +49,15 @@ def timed(fn, device, reps=5):
 def parts(args, teacher_path, device):
     """Each part of one DM step alone, in ms (same shapes and precision as the loop)."""
     import lpips
-    T = edm_unet.load_model(teacher_path)[0].to(device).eval().requires_grad_(False)
-    G_net, fake = edm_unet.load_model(teacher_path)[0].to(device).eval(), edm_unet.load_model(teacher_path)[0].to(device).eval()
-    if args.compile:
-        T, fake_c, G_c = torch.compile(T), torch.compile(fake), torch.compile(G_net)
-    else:
-        fake_c, G_c = fake, G_net
-    G = edm_unet.OneStep(G_c)
+    G_net = edm_unet.load_model(teacher_path)[0].to(device).eval()
+    T, fake = copy.deepcopy(G_net).requires_grad_(False), copy.deepcopy(G_net)
+    B, cfg = args.batch, G_net.cfg
+    maybe_compile = torch.compile if args.compile else (lambda m: m)
+    T, fake_c, G = maybe_compile(T), maybe_compile(fake), edm_unet.OneStep(maybe_compile(G_net))
     lp = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False).to(device).eval().requires_grad_(False)
-    B, cfg = args.batch, T.cfg if not args.compile else T._orig_mod.cfg
     shape = (B, cfg.img_channels, cfg.img_resolution, cfg.img_resolution)
     z, y, s = torch.randn(shape, device=device), torch.randint(cfg.label_dim, (B,), device=device), torch.full((B,), 2.0, device=device)
-    ctx = lambda: sample.amp(device.type, {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision])
+    ctx = lambda: sample.amp(device.type, sample.AUTOCAST[args.precision])
     opt = torch.optim.AdamW(G_net.parameters(), lr=1e-9)
 
     def g_fwd_bwd():
