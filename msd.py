@@ -438,11 +438,11 @@ def train(cfg):
     while step < cfg.iters:
         torch.manual_seed(cfg.seed * 7919 + step * 131 + rank)  # dropout (tsm): a pure function of the step
         # --- 1. update the trained net: G (dm/adm, DMD Alg. 1) or the TSM student (Eq. 3)
-        b_all = draw_batch(cfg, step, 0, shape, classes, sigmas, device, n_pairs, n_real)
+        b_gen = draw_batch(cfg, step, 0, shape, classes, sigmas, device, n_pairs, n_real)
         xs = []
         if critic is not None:
             critic.requires_grad_(False)  # the GAN term's gradient goes through the critic into G only
-        for i, b in micro_batches(b_all, rank * per_rank, micro, accum):
+        for i, b in micro_batches(b_gen, rank * per_rank, micro, accum):
             with no_sync(net_train, i), ctx():
                 if cfg.stage == "tsm":
                     x, y = real_batch(real, b["real_idx"], device)
@@ -464,9 +464,8 @@ def train(cfg):
                     pe.lerp_(p, 1 - beta)
         # --- 2. update mu_fake (Eq. 8) [+ GAN head (adm)] on detached G samples; TTUR repeats it
         for j in range(cfg.fake_steps_per_gen if critic is not None else 0):
-            if j > 0:
-                b_all = draw_batch(cfg, step, 1 + j, shape, classes, sigmas, device, 0, n_real)
-            for i, b in micro_batches(b_all, rank * per_rank, micro, accum):
+            b_fake = b_gen if j == 0 else draw_batch(cfg, step, 1 + j, shape, classes, sigmas, device, 0, n_real)
+            for i, b in micro_batches(b_fake, rank * per_rank, micro, accum):
                 if j > 0:
                     with torch.no_grad(), ctx():
                         xs[i] = G(b["z"], b["y"]).detach()
@@ -498,7 +497,7 @@ def train(cfg):
         if step % cfg.log_every == 0 or step == cfg.iters:
             t_last, n_last, terms_acc = time.time(), step, {}
         if master and cfg.grad_probe_every and step % cfg.grad_probe_every == 0 and cfg.stage != "tsm":
-            b = next(micro_batches(b_all, 0, micro, 1))[1]
+            b = next(micro_batches(b_gen, 0, micro, 1))[1]  # the generator's batch, which has the pairs
             probe = grad_probe(cfg, net, teacher_f, fake, critic, lpips_fn, b, pairs, ctx)
             print("grad probe (weighted |grad| on G): " + " ".join(f"{k} {v:.4g}" for k, v in probe.items()), flush=True)
             with open(os.path.join(cfg.out, "log.jsonl"), "a") as f:

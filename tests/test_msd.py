@@ -143,3 +143,9 @@ def test_two_process_torchrun_equals_one_process(files, tmp_path):
     rel = ((d_one - d_two).norm() / d_one.norm()).item()
     print("relative difference of the updates", rel)
     assert d_one.norm() > 0 and rel < 1e-2
+
+
+def test_grad_probe_runs_with_two_fake_steps_per_generator_step(files, tmp_path, capsys):
+    msd.main(args(files, tmp_path / "p", "--iters", "1", "--fake-steps-per-gen", "2", "--grad-probe-every", "1"))
+    probe = [line for line in capsys.readouterr().out.splitlines() if line.startswith("grad probe")]
+    assert len(probe) == 1 and " reg " in probe[0] and " dm " in probe[0]
