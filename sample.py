@@ -5,11 +5,16 @@
     python sample.py students --ckpt student_0.pt student_1.pt ... --seeds 0-49999 --out imgs.zip
     torchrun --nproc_per_node=8 sample.py pairs --count 10000 ...              # same output, any world size
 
-All modes run under torchrun and resume: finished chunks wait in `<out>.parts/` until the output is
-written, then that folder is removed (delete it yourself if you change the model mid-run).
+All modes run under torchrun and resume: finished chunks wait in `<out>.parts/` (each holding its
+seeds, the folder a `meta.json` of the model and sampler settings) until the output is written, then
+that folder is removed. A resumed run reuses the seeds already done, whatever the batch size, and
+refuses a folder made with another model or other settings.
 
-Every image depends only on its seed: its label, initial noise and churn noise come from a
-generator seeded with it (EDM's convention), so batch size and GPU count never change a result.
+Every image depends only on its seed, drawn in the order of EDM's `generate.py`: a CPU generator
+seeded with it gives the initial noise z (C, H, W), then the label, then one float64 noise of x's
+shape at every sampler step (multiplied by zero where churn is off). On a CPU, `--seeds` therefore
+gives EDM's images seed for seed; batch size, GPU count and device never change a result (EDM seeds
+CUDA generators on a GPU, so its GPU images differ from its CPU ones; ours are the same everywhere).
 
 Paired-set file (`.npz`): `seeds` (N,) int64, `labels` (N,) int64, `noise` (N, C, H, W) float32
 (the unit-variance z; the teacher starts from z * sigma_max), `images` (N, C, H, W) uint8
@@ -23,6 +28,7 @@ import io
 import json
 import os
 import shutil
+import sys
 import zipfile
 
 import numpy as np
@@ -37,24 +43,28 @@ import edm_unet
 # ----------------------------------------------------------------------------- per-seed randomness
 
 class SeededRandom:
-    """One torch.Generator per image; draws are stacked along the batch (EDM's StackedRandomGenerator)."""
+    """One CPU torch.Generator per image, seeded as EDM's StackedRandomGenerator (seed mod 2^32);
+    draws are stacked along the batch, then moved to `device`."""
 
     def __init__(self, seeds, device="cpu"):
         self.device = device
-        self.gens = [torch.Generator(device="cpu").manual_seed(int(s) % (1 << 63)) for s in seeds]
+        self.gens = [torch.Generator(device="cpu").manual_seed(int(s) % (1 << 32)) for s in seeds]
 
-    def randn(self, shape):
-        return torch.stack([torch.randn(shape, generator=g) for g in self.gens]).to(self.device)
+    def randn(self, shape, dtype=torch.float32):
+        return torch.stack([torch.randn(shape, generator=g, dtype=dtype) for g in self.gens]).to(self.device)
 
     def randint(self, high):
         return torch.stack([torch.randint(high, (), generator=g) for g in self.gens]).to(self.device)
 
 
 def draw_inputs(seeds, cfg, device, cls=None):
-    """Per-seed generators, labels (from the seed unless `cls` fixes them) and unit noise z."""
+    """Per-seed generators, unit noise z, then labels: EDM generate.py's order. `cls` fixes the
+    labels (the draw still happens, as in EDM, so the sampler's later draws do not move)."""
     rnd = SeededRandom(seeds, device)
-    y = rnd.randint(cfg.label_dim) if cls is None else torch.full((len(seeds),), cls, device=device)
     z = rnd.randn((cfg.img_channels, cfg.img_resolution, cfg.img_resolution))  # (B, C, H, W)
+    y = rnd.randint(cfg.label_dim)
+    if cls is not None:
+        y = torch.full_like(y, cls)
     return rnd, y, z
 
 
@@ -67,13 +77,18 @@ def amp(device_type, dtype):
 
 
 def parse_seeds(text):
-    """'0-49999' or '1,5,7-9' -> list of ints."""
+    """'0-49999' or '1,5,7-9' -> list of ints, each once, ranges ascending."""
     seeds = []
     for part in text.split(","):
         a, _, b = part.partition("-")
         if not a.isdigit() or (b and not b.isdigit()):
             raise ValueError(f"bad seed range {part!r}: expected e.g. '0-49999' or '1,5,7-9'")
+        if b and int(b) < int(a):
+            raise ValueError(f"bad seed range {part!r}: empty (the end is below the start)")
         seeds.extend(range(int(a), int(b or a) + 1))
+    if len(set(seeds)) != len(seeds):
+        dup = next(s for i, s in enumerate(seeds) if s in seeds[:i])
+        raise ValueError(f"seed {dup} is listed twice in {text!r}")
     return seeds
 
 
@@ -87,19 +102,22 @@ def heun_sampler(D, z, labels, rnd=None, num_steps=256, sigma_min=0.002, sigma_m
     z: (B, ...) unit noise; returns x_0 (float32). EDM's ImageNet-64 preset: 256 steps,
     S_churn=40, S_min=0.05, S_max=50, S_noise=1.003; MSD's paired set uses S_churn=0 (App. D.2.1).
     """
+    if num_steps < 2:
+        raise ValueError(f"num_steps {num_steps}: the Karras schedule needs at least 2 steps")
     t = dmd.karras_sigmas(num_steps, sigma_min, sigma_max, rho, dtype=torch.float64).flip(0).tolist() + [0.0]
 
     def denoise(x, s):
         with amp(z.device.type, autocast):
             return D(x, torch.full((x.shape[0],), s, device=x.device), labels).double()
 
-    x = z.double() * t[0]
+    x = z.double() * t[0]  # (B, ...) float64 state, as EDM keeps it
     for n, (t_cur, t_next) in enumerate(zip(t[:-1], t[1:])):
         gamma = min(S_churn / num_steps, 2 ** 0.5 - 1) if S_min <= t_cur <= S_max else 0.0
         t_hat = t_cur + gamma * t_cur
-        if gamma > 0:  # churn: raise the noise level from t_cur to t_hat
-            eps = (rnd.randn(z.shape[1:]) if rnd is not None else torch.randn_like(z)).double()
-            x = x + (t_hat ** 2 - t_cur ** 2) ** 0.5 * S_noise * eps
+        # churn: raise the noise level from t_cur to t_hat. The noise is drawn at every step, even
+        # where gamma = 0 (then it is multiplied by 0), so each seed's draws follow EDM's.
+        eps = rnd.randn(x.shape[1:], dtype=torch.float64) if rnd is not None else torch.randn_like(x)
+        x = x + (t_hat ** 2 - t_cur ** 2) ** 0.5 * S_noise * eps
         d = (x - denoise(x.float(), t_hat)) / t_hat
         x_next = x + (t_next - t_hat) * d
         if n < num_steps - 1:  # second-order correction
@@ -115,8 +133,9 @@ def to_uint8(x):
 
 
 def from_uint8(u8):
-    """The inverse of to_uint8: (u - 128) / 127.5, float32 in [-1.004, 0.996]."""
-    return u8.float() / 127.5 - 1 - 1 / 255
+    """uint8 -> [-1, 1] float32 as EDM's training loop and DMD2 read images: u / 127.5 - 1, the centre
+    of the bin that to_uint8's floor(127.5 x + 128) maps x into (round-trip bias ~0)."""
+    return u8.float() / 127.5 - 1
 
 
 def atomic_savez(path, **arrays):
@@ -287,29 +306,88 @@ def dist_info():
     return int(os.environ.get("RANK", 0)), world
 
 
-def sharded(seeds, batch, parts, make, rank=0, world=1, desc="chunks"):
-    """Run `make(chunk) -> dict of arrays` over fixed chunks of `batch` seeds, resumably, on all ranks.
+def file_digest(path):
+    """sha256 of a file (what a parts folder remembers of the model that made it)."""
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
-    Rank r takes chunks r, r+world, ...; each finished chunk is saved atomically to the folder
-    `parts`, so a killed run restarts where it stopped and the merged result is identical for any
-    world size. Returns the merged dict on rank 0, None elsewhere.
+
+def check_parts(parts, meta):
+    """Refuse a parts folder that another model or other settings made, saying what differs."""
+    path = os.path.join(parts, "meta.json")
+    if not os.path.isdir(parts):
+        return
+    if not os.path.exists(path):
+        raise ValueError(f"{parts} holds parts without a meta.json (an older or foreign run?); delete it to start over")
+    with open(path) as f:
+        old = json.load(f)
+    diff = [f"{k}: {old.get(k)!r} there, {meta.get(k)!r} now" for k in sorted(set(old) | set(meta)) if old.get(k) != meta.get(k)]
+    if diff:
+        raise ValueError(f"{parts} was made by another run ({'; '.join(diff)}); delete it to start over, "
+                         f"or rerun with the settings it was made with")
+
+
+def sharded(seeds, batch, parts, make, meta, rank=0, world=1, desc="chunks"):
+    """Run `make(chunk) -> dict of arrays` over the seeds not done yet, resumably, on all ranks.
+
+    Every finished chunk is saved atomically to the folder `parts` with the seeds it holds; `meta`
+    (model and sampler settings) is written beside them. A rerun reuses every seed already done,
+    whatever its chunking, chunks the rest by `batch`, and rank r takes chunks r, r+world, ...: the
+    merged result is the same for any world size and batch size. The folder appears only with its
+    first part. Returns the merged dict, rows in the order of `seeds` (each exactly once), on rank
+    0; None elsewhere.
     """
-    os.makedirs(parts, exist_ok=True)
-    chunks = [seeds[i:i + batch] for i in range(0, len(seeds), batch)]
+    check_parts(parts, meta)
+    done = {}  # seed -> part file holding it
+    for name in sorted(os.listdir(parts)) if os.path.isdir(parts) else []:
+        if name.endswith(".npz") and not name.endswith(".tmp.npz"):
+            for s in np.load(os.path.join(parts, name))["seeds"].tolist():
+                if s in done:
+                    raise ValueError(f"{parts}: seed {s} is in both {done[s]} and {name}; delete the folder to start over")
+                done[s] = name
+    if dist.is_initialized():
+        dist.barrier()  # every rank has listed the folder before any rank writes to it
+    todo = [s for s in seeds if s not in done]
+    chunks = [todo[i:i + batch] for i in range(0, len(todo), batch)]
     for chunk in tqdm(chunks[rank::world], desc=f"{desc} (rank {rank})", disable=rank != 0):
-        path = os.path.join(parts, f"{chunk[0]:09d}.npz")
-        if os.path.exists(path):
-            continue  # resume: done already
-        atomic_savez(path, **make(chunk))
+        arrays = make(chunk)
+        os.makedirs(parts, exist_ok=True)
+        if not os.path.exists(os.path.join(parts, "meta.json")):
+            with open(os.path.join(parts, f"meta.json.tmp{os.getpid()}"), "w") as f:
+                json.dump(meta, f, indent=1)
+            os.replace(f.name, os.path.join(parts, "meta.json"))
+        atomic_savez(os.path.join(parts, f"{chunk[0]:09d}-{len(chunk)}.npz"), seeds=np.array(chunk, dtype=np.int64), **arrays)
     if dist.is_initialized():
         dist.barrier()
     if rank != 0:
         return None
-    data = [np.load(os.path.join(parts, f"{c[0]:09d}.npz")) for c in chunks]
-    return {k: np.concatenate([d[k] for d in data]) for k in data[0].files}
+    rows = {}  # seed -> (part data, row)
+    for name in sorted(os.listdir(parts)):
+        if name.endswith(".npz") and not name.endswith(".tmp.npz"):
+            d = dict(np.load(os.path.join(parts, name)))
+            for i, s in enumerate(d["seeds"].tolist()):
+                if s in rows:
+                    raise ValueError(f"{parts}: seed {s} is held twice; delete the folder to start over")
+                rows[s] = (d, i)
+    missing = [s for s in seeds if s not in rows]
+    if missing:
+        raise RuntimeError(f"{parts}: seeds {missing[:10]} were not generated")
+    return {k: np.stack([rows[s][0][k][rows[s][1]] for s in seeds]) for k in rows[seeds[0]][0]}
 
 
-def generate_pairs(D, seeds, out, batch, sample_kw, rank=0, world=1, device="cpu", autocast=None):
+def run_meta(mode, ckpts, sample_kw, precision, cls=None):
+    """What a parts folder must agree on to be reused: the mode, the model files, the sampler settings."""
+    meta = {"mode": mode, "models": [file_digest(p) for p in ckpts], "precision": precision, "class": cls}
+    if mode != "students":
+        meta["sampler"] = dict(sample_kw)
+    return meta
+
+
+def generate_pairs(D, seeds, out, batch, sample_kw, rank=0, world=1, device="cpu", autocast=None, meta=None):
     """Teacher (noise, label, image) triples for `seeds` (MSD Sec. 3.2), written resumably to `out`.
 
     Returns True on the process that wrote the file.
@@ -317,86 +395,123 @@ def generate_pairs(D, seeds, out, batch, sample_kw, rank=0, world=1, device="cpu
     def make(chunk):
         rnd, labels, z = draw_inputs(chunk, D.cfg, device)
         x = heun_sampler(D, z, labels, rnd, autocast=autocast, **sample_kw)
-        return dict(seeds=np.array(chunk), labels=labels.cpu().numpy(), noise=z.cpu().numpy(),
-                    images=to_uint8(x).cpu().numpy())
+        return dict(labels=labels.cpu().numpy(), noise=z.cpu().numpy(), images=to_uint8(x).cpu().numpy())
 
-    merged = sharded(seeds, batch, out + ".parts", make, rank, world, "pairs")
+    meta = meta or {"mode": "pairs", "sampler": dict(sample_kw)}
+    merged = sharded(seeds, batch, out + ".parts", make, meta, rank, world, "pairs")
     if merged is None:
         return False
+    if merged["seeds"].tolist() != list(seeds):
+        raise RuntimeError(f"{out}: the merged seeds do not match the requested ones")
     atomic_savez(out, **merged)
     shutil.rmtree(out + ".parts")
     return True
 
 
 def load_pairs(path):
-    """Read a paired-set file; clear error when it is missing a key."""
-    data = np.load(path)
+    """Read a paired-set file (no pickles); a clear error naming the file when it is not one."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"paired set {path!r} does not exist")
+    try:
+        data = np.load(path, allow_pickle=False)
+        files = data.files
+    except Exception as e:
+        raise ValueError(f"{path!r} is not a paired-set file from `sample.py pairs` ({type(e).__name__}: {e})") from None
     for k in ("seeds", "labels", "noise", "images"):
-        if k not in data:
-            raise ValueError(f"{path}: not a paired-set file (missing {k!r})")
-    return {k: data[k] for k in data.files}
+        if k not in files:
+            raise ValueError(f"{path!r} is not a paired-set file from `sample.py pairs` (no {k!r} array)")
+    try:
+        return {k: data[k] for k in files}
+    except Exception as e:
+        raise ValueError(f"{path!r} is not a paired-set file from `sample.py pairs` ({type(e).__name__}: {e})") from None
 
 
 # ----------------------------------------------------------------------------- CLI
 
+def positive(kind=int):
+    """argparse type: a number > 0."""
+    def parse(text):
+        v = kind(text)
+        if not v > 0:
+            raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
+        return v
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["pairs", "teacher", "students"])
-    p.add_argument("--teacher", help="teacher checkpoint (edm_unet format)")
-    p.add_argument("--ckpt", nargs="+", help="student checkpoints (mode students)")
-    p.add_argument("--num", "--count", dest="num", type=int, default=10_000,
-                   help="pairs: seeds 0..num-1 (MSD App. D.2.1: 10k); under torchrun spell it --count")
-    p.add_argument("--seeds", default="0-49999", help="teacher/students: seed ranges, e.g. 0-49999")
-    p.add_argument("--class", dest="cls", type=int, default=None, help="fixed class label (default: from seed)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--steps", type=int, default=256)
-    p.add_argument("--S-churn", type=float, default=0.0, help="EDM ImageNet-64 preset: 40 (0 = deterministic)")
-    p.add_argument("--S-min", type=float, default=0.05)
-    p.add_argument("--S-max", type=float, default=50.0)
-    p.add_argument("--S-noise", type=float, default=1.003)
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("mode", choices=["pairs", "teacher", "students"],
+                   help="pairs: the paired set for msd.py; teacher: Heun images; students: routed one-step images")
+    p.add_argument("--teacher", help="teacher checkpoint (edm_unet.py format; modes pairs and teacher)")
+    p.add_argument("--ckpt", nargs="+", help="student checkpoints, one per student (mode students)")
+    p.add_argument("--num", "--count", dest="num", type=positive(), default=10_000,
+                   help="pairs: seeds 0..num-1 (default 10000, MSD App. D.2.1); under torchrun spell it --count")
+    p.add_argument("--seeds", default="0-49999", help="teacher/students: seeds, e.g. 0-49999 or 1,5,7-9 (default 0-49999)")
+    p.add_argument("--class", dest="cls", type=int, default=None, help="fixed class label (default: drawn from the seed)")
+    p.add_argument("--out", required=True, help="pairs: .npz; images: a .zip or a folder (EDM's layout)")
+    p.add_argument("--batch", type=positive(), default=64, help="images per chunk and per forward (default 64)")
+    p.add_argument("--steps", type=int, default=256, help="Heun steps, >= 2 (default 256, MSD App. D.2.1)")
+    p.add_argument("--S-churn", type=float, default=0.0, help="EDM churn; 40 = EDM's ImageNet-64 preset (default 0: deterministic, as MSD's pairs)")
+    p.add_argument("--S-min", type=float, default=0.05, help="churn only for sigma >= S_min (default 0.05)")
+    p.add_argument("--S-max", type=float, default=50.0, help="churn only for sigma <= S_max (default 50)")
+    p.add_argument("--S-noise", type=float, default=1.003, help="churn noise scale (default 1.003)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast of the network (default fp32)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: cuda if available")
     args = p.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda asked for, but CUDA is not available")
+    if args.steps < 2:
+        p.error(f"--steps {args.steps}: expected >= 2 (Heun steps of the Karras schedule)")
+    if args.S_churn < 0 or args.S_noise <= 0:
+        p.error(f"--S-churn {args.S_churn} / --S-noise {args.S_noise}: expected >= 0 / > 0")
     if args.mode in ("pairs", "teacher") and not args.teacher:
         p.error(f"mode {args.mode} needs --teacher")
     if args.mode == "students" and not args.ckpt:
         p.error("mode students needs --ckpt student_0.pt ...")
+    ckpts = [args.teacher] if args.mode != "students" else args.ckpt
+    for path in ckpts:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    seeds = list(range(args.num)) if args.mode == "pairs" else parse_seeds(args.seeds)
     autocast = AUTOCAST[args.precision]
     sample_kw = dict(num_steps=args.steps, S_churn=args.S_churn, S_min=args.S_min, S_max=args.S_max, S_noise=args.S_noise)
     rank, world = dist_info()
     device = torch.device(args.device, rank % max(1, torch.cuda.device_count())) if args.device == "cuda" else torch.device(args.device)
-    if args.mode == "pairs":
-        D = edm_unet.load_model(args.teacher)[0].to(device).eval()
-        generate_pairs(D, list(range(args.num)), args.out, args.batch, sample_kw, rank, world, device, autocast)
-        if rank == 0:
-            print(f"wrote {args.num} pairs to {args.out}")
-        return
-    seeds = parse_seeds(args.seeds)
-    if args.mode == "teacher":
-        D = edm_unet.load_model(args.teacher)[0].to(device).eval()
-        cfg, owner = D.cfg, None
-    else:
+    if args.mode == "students":
         students, owner = load_students(args.ckpt, device)
         cfg = students[0].denoiser.cfg
+    else:
+        D = edm_unet.load_model(args.teacher)[0].to(device).eval()
+        cfg, owner = D.cfg, None
     if args.cls is not None and not 0 <= args.cls < cfg.label_dim:
         p.error(f"--class {args.cls} is outside [0, {cfg.label_dim})")
+    meta = run_meta(args.mode, ckpts, sample_kw, args.precision, args.cls)
+    if args.mode == "pairs":
+        generate_pairs(D, seeds, args.out, args.batch, sample_kw, rank, world, device, autocast, meta)
+        if rank == 0:
+            print(f"wrote {len(seeds)} pairs to {args.out}")
+        return
 
     def make(chunk):
         rnd, y, z = draw_inputs(chunk, cfg, device, args.cls)
         x = heun_sampler(D, z, y, rnd, autocast=autocast, **sample_kw) if owner is None else route(students, owner, z, y, autocast)
         return dict(images=to_uint8(x).cpu().numpy(), labels=y.cpu().numpy())
 
-    merged = sharded(seeds, args.batch, args.out.rstrip("/") + ".parts", make, rank, world, args.mode)
+    parts = args.out.rstrip("/") + ".parts"
+    merged = sharded(seeds, args.batch, parts, make, meta, rank, world, args.mode)
     if rank == 0:
+        if merged["seeds"].tolist() != seeds:  # every requested seed exactly once, in order
+            raise RuntimeError(f"{parts}: the merged seeds do not match the requested ones")
         images = torch.from_numpy(merged["images"])
         write_images(args.out, images, merged["labels"].tolist(), seeds)
         save_grid(os.path.splitext(args.out.rstrip("/"))[0] + "_grid.png", images[:100])
-        shutil.rmtree(args.out.rstrip("/") + ".parts")
+        shutil.rmtree(parts)
         print(f"wrote {len(seeds)} images to {args.out}")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:  # the user's input: one line and argparse's exit status 2
+        sys.exit(print(f"error: {e}", file=sys.stderr) or 2)

@@ -43,9 +43,8 @@ def test_images_depend_only_on_their_seed_not_on_batch_size():
     kw = dict(num_steps=4, S_churn=40, S_min=0.05, S_max=50, S_noise=1.003)  # churn draws per-seed noise too
 
     def run(chunk):
-        rnd = sample.SeededRandom(chunk)
-        y = rnd.randint(10)
-        return sample.heun_sampler(D, rnd.randn((1, 16, 16)), y, rnd, **kw), y
+        rnd, y, z = sample.draw_inputs(chunk, D.cfg, "cpu")
+        return sample.heun_sampler(D, z, y, rnd, **kw), y
 
     x7, y7 = run(seeds)
     x1 = torch.cat([run([s])[0] for s in seeds])
@@ -60,7 +59,7 @@ def test_pairs_identical_for_world_size_1_and_2_and_resumable(tmp_path):
     one, two = str(tmp_path / "one.npz"), str(tmp_path / "two.npz")
     sample.generate_pairs(D, list(range(10)), one, 3, kw)
     assert not sample.generate_pairs(D, list(range(10)), two, 3, kw, rank=1, world=2)  # rank 1's share
-    assert sample.generate_pairs(D, list(range(10)), two, 3, kw, rank=0, world=2)      # rank 0 merges
+    assert sample.generate_pairs(D, list(range(10)), two, 4, kw)  # the rest, in other chunks, then the merge
     a, b = sample.load_pairs(one), sample.load_pairs(two)
     for k in ("seeds", "labels", "noise", "images"):
         assert np.array_equal(a[k], b[k]), k
@@ -69,7 +68,7 @@ def test_pairs_identical_for_world_size_1_and_2_and_resumable(tmp_path):
     import os
     three = str(tmp_path / "three.npz")
     sample.generate_pairs(D, list(range(10)), three, 3, kw, rank=1, world=2)  # "killed": only chunks 1, 3
-    part = tmp_path / "three.npz.parts" / "000000003.npz"
+    part = tmp_path / "three.npz.parts" / "000000003-3.npz"
     d = dict(np.load(part))
     d["images"][:] = 7
     np.savez(part, **d)
@@ -148,3 +147,165 @@ def test_pairs_under_torchrun_two_processes_equal_one_process(tmp_path):
     x1 = next(sample.ImageFolder(str(tmp_path / "one_imgs")).batches(10))
     x2 = next(sample.ImageFolder(str(tmp_path / "two_imgs")).batches(10))
     assert torch.equal(x1[0], x2[0]) and torch.equal(x1[1], x2[1])
+
+
+def test_uint8_round_trip_is_unbiased():
+    """to_uint8 writes floor(127.5 x + 128); from_uint8 must return the bin centre, as EDM reads images."""
+    x = torch.rand(1_000_000, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    err = sample.from_uint8(sample.to_uint8(x)) - x
+    assert abs(err.mean().item()) < 1e-4  # was -1/255 = -0.0039 with the bin's lower edge
+    assert err.abs().max().item() <= 0.5 / 127.5 + 1e-6
+    u = torch.arange(256, dtype=torch.uint8)
+    assert torch.equal(sample.to_uint8(sample.from_uint8(u)), u)  # every 8-bit value survives
+
+
+def edm_generate(D, seeds, num_steps, S_churn=0.0, S_min=0.0, S_max=float("inf"), S_noise=1.0):
+    """EDM generate.py + edm_sampler (EDM Alg. 2), written here from the paper and EDM's draw order:
+    per seed a CPU generator; latents randn(C, H, W), then label randint(label_dim), then at each
+    step one float64 randn of x's shape (multiplied by 0 where gamma = 0)."""
+    gens = [torch.Generator().manual_seed(s % (1 << 32)) for s in seeds]
+    c, r = D.cfg.img_channels, D.cfg.img_resolution
+    latents = torch.stack([torch.randn(c, r, r, generator=g) for g in gens])
+    labels = torch.stack([torch.randint(D.cfg.label_dim, (), generator=g) for g in gens])
+    i = torch.arange(num_steps, dtype=torch.float64)
+    t = (80 ** (1 / 7) + i / (num_steps - 1) * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7
+    t = torch.cat([t, torch.zeros(1, dtype=torch.float64)])
+    x_next = latents.double() * t[0]
+    with torch.no_grad():
+        for n, (t_cur, t_next) in enumerate(zip(t[:-1], t[1:])):
+            x_cur = x_next
+            gamma = min(S_churn / num_steps, 2 ** 0.5 - 1) if S_min <= t_cur <= S_max else 0
+            t_hat = t_cur + gamma * t_cur
+            eps = torch.stack([torch.randn(x_cur.shape[1:], generator=g, dtype=torch.float64) for g in gens])
+            x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * eps
+            net = lambda x, s: D(x.float(), s.float().expand(len(x)), labels).double()
+            d_cur = (x_hat - net(x_hat, t_hat)) / t_hat
+            x_next = x_hat + (t_next - t_hat) * d_cur
+            if n < num_steps - 1:
+                d_prime = (x_next - net(x_next, t_next)) / t_next
+                x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
+    return (x_next * 127.5 + 128).clip(0, 255).to(torch.uint8), labels
+
+
+@pytest.mark.parametrize("churn", [0.0, 40.0])
+def test_a_seed_gives_edms_image(tmp_path, churn):
+    D = tiny_teacher()
+    with torch.no_grad():  # a teacher whose output depends visibly on the label and the noise
+        for p in D.parameters():
+            p.mul_(5)
+    edm_unet.save_model(D, tmp_path / "t.pt")
+    seeds = [0, 1, 7, 12345]
+    sample.main(["teacher", "--teacher", str(tmp_path / "t.pt"), "--seeds", "0,1,7,12345", "--steps", "6",
+                 "--S-churn", str(churn), "--S-min", "0.05", "--S-max", "50", "--batch", "3", "--device", "cpu",
+                 "--out", str(tmp_path / "ours")])
+    ref, labels = edm_generate(D, seeds, 6, churn, 0.05, 50, 1.003)
+    ours, our_labels = next(sample.ImageFolder(str(tmp_path / "ours")).batches(10))
+    assert torch.equal(our_labels, labels)
+    assert torch.equal(ours, ref), (ours.int() - ref.int()).abs().max()
+    # the paired set and the routed students see the same z and label for a seed
+    rnd, y, z = sample.draw_inputs(seeds, D.cfg, "cpu")
+    g = torch.Generator().manual_seed(7)
+    assert torch.equal(z[2], torch.randn(1, 16, 16, generator=g)) and y[2] == torch.randint(10, (), generator=g)
+
+
+def run_cli(*args, timeout=300):
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.Popen([sys.executable, os.path.join(root, "sample.py"), *args], cwd=root,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_killed_run_resumed_with_another_batch_size_writes_every_seed_once(tmp_path):
+    import os
+    import signal
+    import time
+    edm_unet.save_model(tiny_teacher(), tmp_path / "t.pt")
+    common = ["teacher", "--teacher", str(tmp_path / "t.pt"), "--seeds", "0-23", "--steps", "12", "--device", "cpu"]
+    sample.main([*common, "--batch", "24", "--out", str(tmp_path / "straight")])
+    parts = tmp_path / "killed.parts"
+    proc = run_cli(*common, "--batch", "4", "--out", str(tmp_path / "killed"))
+    t0 = time.time()
+    while len(list(parts.glob("*-4.npz"))) < 2:
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - t0 < 120
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed").exists() and 2 <= len(list(parts.glob("*.npz"))) < 6
+    resumed = run_cli(*common, "--batch", "6", "--out", str(tmp_path / "killed"))
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    a = sample.ImageFolder(str(tmp_path / "straight"))
+    b = sample.ImageFolder(str(tmp_path / "killed"))
+    assert a.names == b.names == [f"img{s:08d}.png" for s in range(24)]
+    xa, ya = next(a.batches(24))
+    xb, yb = next(b.batches(24))
+    assert torch.equal(ya, yb) and torch.equal(xa, xb)
+    assert not parts.exists()
+
+
+def test_parts_of_another_run_are_refused_with_what_differs(tmp_path, monkeypatch):
+    import re
+    D = tiny_teacher()
+    out = str(tmp_path / "p.npz")
+    sample.generate_pairs(D, list(range(6)), out, 3, dict(num_steps=3), rank=1, world=2)  # "killed" half-way
+    with pytest.raises(ValueError, match=re.escape("sampler: {'num_steps': 3} there, {'num_steps': 4} now")):
+        sample.generate_pairs(D, list(range(6)), out, 3, dict(num_steps=4))
+    # a teacher run that dies in its first chunk leaves nothing; one that dies later keeps its parts,
+    # and a rerun with another teacher file is refused
+    edm_unet.save_model(D, tmp_path / "a.pt")
+    edm_unet.save_model(edm_unet.build("tiny"), tmp_path / "b.pt")
+    real, calls = sample.heun_sampler, []
+
+    def dies_at_chunk(n):
+        def f(*a, **k):
+            calls.append(1)
+            if len(calls) >= n:
+                raise RuntimeError("killed")
+            return real(*a, **k)
+        return f
+    common = ["--seeds", "0-5", "--steps", "2", "--batch", "2", "--device", "cpu", "--out", str(tmp_path / "imgs")]
+    monkeypatch.setattr(sample, "heun_sampler", dies_at_chunk(1))
+    with pytest.raises(RuntimeError, match="killed"):
+        sample.main(["teacher", "--teacher", str(tmp_path / "a.pt"), *common])
+    assert not (tmp_path / "imgs.parts").exists()
+    calls.clear()
+    monkeypatch.setattr(sample, "heun_sampler", dies_at_chunk(2))
+    with pytest.raises(RuntimeError, match="killed"):
+        sample.main(["teacher", "--teacher", str(tmp_path / "a.pt"), *common])
+    assert len(list((tmp_path / "imgs.parts").glob("*.npz"))) == 1
+    monkeypatch.setattr(sample, "heun_sampler", real)
+    with pytest.raises(ValueError, match=r"imgs.parts was made by another run \(models: \['"):
+        sample.main(["teacher", "--teacher", str(tmp_path / "b.pt"), *common])
+    sample.main(["teacher", "--teacher", str(tmp_path / "a.pt"), *common])  # the same teacher resumes
+    assert len(sample.ImageFolder(str(tmp_path / "imgs"))) == 6
+
+
+@pytest.mark.parametrize("bad", [["--num", "0"], ["--num", "-3"], ["--batch", "0"], ["--steps", "0"], ["--steps", "1"]])
+def test_bad_numbers_stop_before_any_work(tmp_path, bad, capsys):
+    edm_unet.save_model(tiny_teacher(), tmp_path / "t.pt")
+    with pytest.raises(SystemExit) as e:
+        sample.main(["pairs", "--teacher", str(tmp_path / "t.pt"), "--out", str(tmp_path / "p.npz"), *bad])
+    assert e.value.code == 2 and bad[0] in capsys.readouterr().err
+    assert not (tmp_path / "p.npz.parts").exists()
+
+
+def test_user_errors_print_one_line_and_exit_2(tmp_path):
+    edm_unet.save_model(tiny_teacher(), tmp_path / "t.pt")
+    for args, expect in ((["--seeds", "3-0"], "empty"), (["--seeds", "0-3,2"], "seed 2 is listed twice")):
+        proc = run_cli("teacher", "--teacher", str(tmp_path / "t.pt"), "--out", str(tmp_path / "x"), *args)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2 and err.strip().startswith("error:") and expect in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "x.parts").exists()
+    proc = run_cli("teacher", "--teacher", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "x"))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and err.strip() == "error: checkpoint '" + str(tmp_path / "missing.pt") + "' does not exist"
+    (tmp_path / "junk.txt").write_text("not numpy")
+    with pytest.raises(ValueError, match="junk.txt' is not a paired-set file"):
+        sample.load_pairs(str(tmp_path / "junk.txt"))
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="obj.npy' is not a paired-set file"):
+        sample.load_pairs(str(tmp_path / "obj.npy"))
