@@ -1,7 +1,7 @@
 """Multi-student distillation (MSD Sec. 2-3, Eq. 4): train student k of K on its slice of the classes.
 
     torchrun --nproc_per_node=8 msd.py --partition 0 --num-students 4 --teacher edm.pt --pairs pairs.npz
-    python msd.py --stage tsm --preset S --teacher edm.pt --data imagenet.zip ...  # Stage 0 (tsm.py)
+    python msd.py --stage tsm --preset S --teacher edm.pt --data imagenet.zip ...  # Stage 0 (Eq. 3, tsm.py)
     python msd.py --stage adm --init out/p0/student.pt --data imagenet.zip ...     # Stage 2 (adm.py)
 
 Every student is an independent run: K students train in parallel on K machines or one after
@@ -9,15 +9,23 @@ another. Stages (MSD Fig. 2): `tsm` (Eq. 3) pretrains a smaller denoiser; `dm` (
 distils a one-step generator G from it or from the teacher; `adm` adds the GAN of adm.py.
 A run writes to --out: resume-XXXXXXXX.pt (full state, the last two kept), student.pt (the
 generator/denoiser alone, with its `partition`, for sample.py), samples_XXXXXXXX.png, log.jsonl.
+
+The defaults are the paper's ImageNet-64 recipe (App. D.2: DM 200k steps at batch 128 with
+LPIPS-VGG, whose pretrained weights download on first use): hours on GPUs. For a CPU run in
+minutes, see `python bench/digits.py` and the README's "CPU quick start".
 """
 import argparse
 import contextlib
 import copy
 import dataclasses
 import glob
+import inspect
 import json
 import os
+import re
+import sys
 import time
+import types
 import typing
 
 import numpy as np
@@ -33,55 +41,55 @@ import tsm
 
 
 @dataclasses.dataclass
-class Config:
-    stage: str = "dm"                   # tsm | dm | adm (MSD Eq. 4)
-    partition: int = 0                  # k: which student this run trains
+class Config:  # every comment below is also the flag's --help line
+    stage: str = "dm"                   # tsm (Stage 0, Eq. 3) | dm (Stage 1, Eq. 6 + 9) | adm (Stage 2, + GAN); MSD Eq. 4
+    partition: int = 0                  # k: which student this run trains, 0..K-1
     num_students: int = 4               # K (MSD Table 1: 4)
-    split: str = "consecutive"          # consecutive (paper) | kmeans (label embeddings) | random (App. B.1)
-    split_seed: int = 0
-    teacher: str = ""                   # edm_unet checkpoint of mu_real (edm_unet.py --import-edm)
-    init: str = ""                      # G (dm/adm) or student (tsm) init; default teacher (dm), preset (tsm)
-    fake_init: str = ""                 # mu_fake init; default: --init (dm, App. D.2.2), teacher (adm, App. D.2.1)
-    preset: str = ""                    # tsm: fresh student architecture (S, XS, XXS, tiny)
+    split: str = "consecutive"          # consecutive (the paper's, Sec. 3.2) | kmeans (label embeddings) | random (App. B.1)
+    split_seed: int = 0                 # seed of the random / kmeans split
+    teacher: str = ""                   # mu_real: an edm_unet checkpoint (edm_unet.py --import-edm)
+    init: str = ""                      # start of G (dm/adm) or of the student (tsm); default: the teacher (dm, DMD Alg. 1)
+    fake_init: str = ""                 # start of mu_fake; default: --init (dm, App. D.2.2), the teacher (adm, App. D.2.1)
+    preset: str = ""                    # tsm: a fresh student of this size (S, XS, XXS, tiny; MSD Table 7)
     arch: str = ""                      # tsm: preset overrides, e.g. "model_channels=32,img_resolution=8"
-    pairs: str = ""                     # dm: paired set from `sample.py pairs`
-    data: str = ""                      # adm/tsm: real images, EDM layout
-    target: str = "teacher"             # tsm: teacher (Eq. 3) | data (EDM denoising score matching)
-    reg_pairs: str = "all"              # all: the paper's F_DM (Sec. 3.2) | own: pairs of own classes (App. B.4)
-    out: str = "out/student"
-    # optimisation (App. D.2.1); None = the stage's paper default, see STAGE_DEFAULTS
-    lr: typing.Optional[float] = None
-    batch: typing.Optional[int] = None  # global batch, split over ranks
-    iters: typing.Optional[int] = None
-    lambda_reg: typing.Optional[float] = None  # LPIPS regression weight (Eq. 9)
-    micro_batch: int = 0                # per-rank micro-batch for gradient accumulation; 0 = no accumulation
-    weight_decay: float = 0.01
-    beta1: float = 0.9
-    beta2: float = 0.999
-    grad_clip: float = 10.0
-    fake_steps_per_gen: int = 1         # 1: the paper's alternating update; DMD2's TTUR uses 5
-    t_min: int = 20                     # DM/GAN t range over 1000 Karras levels: DMD2's [0.02T, 0.98T]
-    t_max: int = 980
-    P_mean: float = -1.2                # tsm: EDM log-normal sigma (App. D.2.2)
-    P_std: float = 1.2
-    lambda_gan_g: float = 3e-3          # adm: GAN weights (App. D.2.1)
-    lambda_gan_d: float = 1e-2
-    head_width: int = 256
-    ema_halflife_kimg: float = 0.0      # EMA of the trained net; 0 = off (the paper)
-    reg_loss: str = "lpips"             # lpips (App. D.2.1) | mse (the 2-D toy; offline CPU benchmarks)
-    lpips_size: int = 224               # LPIPS input size: bilinear upsampling to 224 (App. D.2.1)
-    lpips_random: bool = False          # tests only: LPIPS with random VGG (no download)
-    precision: str = "bf16"             # bf16 | fp16 (GradScaler) | fp32; "mixed precision" (App. D.2.1)
-    compile: bool = False
+    pairs: str = ""                     # dm: the paired set from `sample.py pairs` (Eq. 9)
+    data: str = ""                      # adm/tsm: real images in EDM's layout (zip or folder + dataset.json)
+    target: str = "teacher"             # tsm: teacher (Eq. 3) | data (EDM's denoising score matching)
+    reg_pairs: str = "all"              # all: every pair, the paper's F_DM (Sec. 3.2) | own: the partition's pairs (App. B.4)
+    out: str = "out/student"            # folder for checkpoints, samples and log.jsonl
+    # optimisation (App. D.2.1); None = the stage's paper default from STAGE_DEFAULTS
+    lr: typing.Optional[float] = None   # AdamW learning rate; paper: dm 2e-6, adm 5e-7, tsm 1e-4 (App. D.2)
+    batch: typing.Optional[int] = None  # global batch, split over ranks; paper: dm 128, adm 192, tsm 576
+    iters: typing.Optional[int] = None  # optimiser steps; paper: dm 200k, adm 150k, tsm 400k
+    lambda_reg: typing.Optional[float] = None  # weight of the regression loss (Eq. 9); paper: dm 0.25, adm/tsm 0
+    micro_batch: int = 0                # per-rank micro-batch for gradient accumulation; 0 = none
+    weight_decay: float = 0.01          # AdamW weight decay (App. D.2.1)
+    beta1: float = 0.9                  # AdamW beta1 (App. D.2.1)
+    beta2: float = 0.999                # AdamW beta2 (App. D.2.1)
+    grad_clip: float = 10.0             # gradient-norm clipping (App. D.2.1)
+    fake_steps_per_gen: int = 1         # mu_fake updates per G update: 1 = the paper's alternation; DMD2's TTUR: 5
+    t_min: int = 20                     # DM/GAN noise levels t >= t_min of the 1000 Karras levels (DMD2: 0.02T)
+    t_max: int = 981                    # DM/GAN: t < t_max (DMD2: 0.98T, 980 included); mu_fake (Eq. 8) draws all 1000
+    P_mean: float = -1.2                # tsm: EDM's log-normal sigma, mean of ln sigma (App. D.2.2)
+    P_std: float = 1.2                  # tsm: std of ln sigma (App. D.2.2)
+    lambda_gan_g: float = 3e-3          # adm: generator GAN weight (App. D.2.1)
+    lambda_gan_d: float = 1e-2          # adm: discriminator GAN weight (App. D.2.1)
+    head_width: int = 256               # adm: channels of the GAN head
+    ema_halflife_kimg: float = 0.0      # EMA of the trained net, half-life in kimg; 0 = off (the paper)
+    reg_loss: str = "lpips"             # lpips (App. D.2.1) | mse (the 2-D toy; offline CPU runs)
+    lpips_size: int = 224               # LPIPS input size: bilinear upsampling to 224 px (App. D.2.1)
+    lpips_random: bool = False          # tests only: LPIPS on a random VGG (no download)
+    precision: str = "bf16"             # bf16 | fp16 (CUDA, GradScaler) | fp32 autocast ("mixed precision", App. D.2.1)
+    compile: bool = False               # torch.compile the networks
     channels_last: bool = False         # NHWC weights/activations (pays off with --compile on GPUs)
-    device: str = ""                    # "" = cuda if available, else cpu
-    seed: int = 0
-    log_every: int = 100
-    grad_probe_every: int = 1000        # per-term gradient norms on G; 0 = off
-    sample_every: int = 5000
-    ckpt_every: int = 5000
+    device: str = ""                    # cuda | cpu; "" = cuda if available
+    seed: int = 0                       # every random draw is a function of (seed, step)
+    log_every: int = 100                # steps between log lines (and log.jsonl rows)
+    grad_probe_every: int = 1000        # steps between per-term gradient norms on G; 0 = off
+    sample_every: int = 5000            # steps between sample grids
+    ckpt_every: int = 5000              # steps between resume files and student.pt
     max_bad_steps: int = 20             # consecutive non-finite steps before the run stops
-    resume: bool = False
+    resume: bool = False                # continue from the newest loadable resume-*.pt in --out (fresh if none)
 
 
 STAGE_DEFAULTS = {  # lr, global batch, iterations, lambda_reg
@@ -89,6 +97,7 @@ STAGE_DEFAULTS = {  # lr, global batch, iterations, lambda_reg
     "dm": dict(lr=2e-6, batch=128, iters=200_000, lambda_reg=0.25),   # App. D.2.1
     "adm": dict(lr=5e-7, batch=192, iters=150_000, lambda_reg=0.0),   # App. D.2.1; regression dropped as in DMD2
 }
+NUM_LEVELS = 1000  # App. D.2.1: 1000 Karras levels in [0.002, 80]
 
 
 # ----------------------------------------------------------------------------- partitions (Sec. 3.2, App. B.1)
@@ -139,28 +148,41 @@ def label_embeddings(denoiser):
 
 def check_config(cfg):
     """Fail on bad input before anything loads."""
+    flag = lambda name: "--" + name.replace("_", "-")
     if cfg.stage not in STAGE_DEFAULTS:
         raise ValueError(f"--stage {cfg.stage!r}: expected one of {list(STAGE_DEFAULTS)}")
     if cfg.num_students < 1:
         raise ValueError(f"--num-students {cfg.num_students}: expected >= 1")
     if not 0 <= cfg.partition < cfg.num_students:
         raise ValueError(f"--partition {cfg.partition}: expected 0..{cfg.num_students - 1} for --num-students {cfg.num_students}")
-    if cfg.precision not in ("bf16", "fp16", "fp32"):
-        raise ValueError(f"--precision {cfg.precision!r}: expected bf16, fp16 or fp32")
+    for name in ("lr", "batch", "grad_clip", "fake_steps_per_gen", "log_every", "sample_every", "ckpt_every",
+                 "lpips_size", "head_width", "P_std"):
+        if not getattr(cfg, name) > 0:
+            raise ValueError(f"{flag(name)} {getattr(cfg, name)}: expected > 0")
+    for name in ("iters", "lambda_reg", "micro_batch", "weight_decay", "ema_halflife_kimg", "grad_probe_every",
+                 "max_bad_steps", "lambda_gan_g", "lambda_gan_d"):
+        if not getattr(cfg, name) >= 0:
+            raise ValueError(f"{flag(name)} {getattr(cfg, name)}: expected >= 0")
+    for name in ("beta1", "beta2"):
+        if not 0 <= getattr(cfg, name) < 1:
+            raise ValueError(f"{flag(name)} {getattr(cfg, name)}: expected in [0, 1)")
+    if not 0 <= cfg.t_min < cfg.t_max <= NUM_LEVELS:
+        raise ValueError(f"--t-min {cfg.t_min} / --t-max {cfg.t_max}: expected 0 <= t_min < t_max <= {NUM_LEVELS}")
+    for name, allowed in CHOICES.items():
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"{flag(name)} {getattr(cfg, name)!r}: expected one of {allowed}")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda asked for, but CUDA is not available (use --device cpu)")
     if cfg.precision == "fp16" and not cfg.device.startswith("cuda"):
         raise ValueError("--precision fp16 needs CUDA (GradScaler); use bf16 or fp32 on the CPU")
-    for name, allowed in (("reg_pairs", ("all", "own")), ("target", ("teacher", "data")), ("reg_loss", ("lpips", "mse"))):
-        if getattr(cfg, name) not in allowed:
-            raise ValueError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: expected one of {allowed}")
     needs = {"dm": ["teacher", "pairs"] if cfg.lambda_reg else ["teacher"], "adm": ["teacher", "data"],
              "tsm": ["data"] + (["teacher"] if cfg.target == "teacher" else [])}[cfg.stage]
     for name in needs:
         if not getattr(cfg, name):
             raise ValueError(f"--stage {cfg.stage} needs --{name}")
-        if not os.path.exists(getattr(cfg, name)):
-            raise FileNotFoundError(f"--{name} {getattr(cfg, name)!r} does not exist")
+    for name in ("teacher", "init", "fake_init", "pairs", "data"):
+        if getattr(cfg, name) and not os.path.exists(getattr(cfg, name)):
+            raise FileNotFoundError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r} does not exist")
     if cfg.stage == "tsm" and not (cfg.preset or cfg.init):
         raise ValueError("--stage tsm needs --preset (a fresh student) or --init (a checkpoint)")
     try:
@@ -171,8 +193,12 @@ def check_config(cfg):
         raise ValueError(f"--preset {cfg.preset!r}: expected one of {list(edm_unet.PRESETS)}")
 
 
+CHOICES = {"stage": tuple(STAGE_DEFAULTS), "split": ("consecutive", "kmeans", "random"), "target": ("teacher", "data"), "reg_pairs": ("all", "own"),
+           "reg_loss": ("lpips", "mse"), "precision": ("bf16", "fp16", "fp32")}
+
+
 def setup_dist(cfg):
-    """(rank, world, device) from torchrun's environment; NCCL on GPU, gloo on CPU."""
+    """(rank, world, device, per-rank batch, micro-batch) from torchrun's environment; NCCL on GPU, gloo on CPU."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local) if cfg.device.startswith("cuda") else torch.device(cfg.device)
@@ -218,7 +244,10 @@ def build_nets(cfg, device):
 
 def load_pairs(cfg, partition, model_cfg, device):
     """Paired set (Eq. 9) on the device; F_DM keeps all pairs (Sec. 3.2), `own` keeps the partition's."""
-    p = sample.load_pairs(cfg.pairs)
+    try:
+        p = sample.load_pairs(cfg.pairs)
+    except ValueError as e:
+        raise ValueError(f"--pairs: {e}") from None
     want = (model_cfg.img_channels, model_cfg.img_resolution, model_cfg.img_resolution)
     if tuple(p["images"].shape[1:]) != want or p["labels"].max() >= model_cfg.label_dim:
         raise ValueError(f"{cfg.pairs}: images {p['images'].shape[1:]} / labels < {p['labels'].max() + 1} do not fit "
@@ -228,17 +257,122 @@ def load_pairs(cfg, partition, model_cfg, device):
             sample.from_uint8(torch.from_numpy(p["images"][keep]).to(device)))
 
 
-def rng(cfg, step, stream, device):
-    """All randomness of a step comes from (seed, step, stream): a resumed run draws what an
-    uninterrupted one would, and every rank draws the same *global* batch, then takes its slice."""
-    return torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step * 16 + stream)
+def setup(cfg):
+    """Everything before the loop: ranks, nets, partition, data, optimisers, resume. -> namespace r."""
+    cfg.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    for k, v in STAGE_DEFAULTS.get(cfg.stage, {}).items():
+        if getattr(cfg, k) is None:
+            setattr(cfg, k, v)
+    check_config(cfg)
+    rank, world, device, per_rank, micro = setup_dist(cfg)
+    torch.manual_seed(cfg.seed)  # a fresh --preset student is the same on every rank
+    teacher, net, fake, head = build_nets(cfg, device)
+    mcfg = net.cfg
+    if cfg.num_students > mcfg.label_dim:
+        raise ValueError(f"--num-students {cfg.num_students} exceeds the {mcfg.label_dim} classes")
+    emb = label_embeddings(teacher or net) if cfg.split == "kmeans" else None
+    partitions = make_partition(mcfg.label_dim, cfg.num_students, cfg.split, cfg.split_seed, emb)
+    partition = partitions[cfg.partition]
+    if rank == 0:
+        print(f"stage {cfg.stage}: student {cfg.partition} of {cfg.num_students} ({cfg.split}) owns "
+              f"{len(partition)} classes: {partition if len(partition) <= 20 else partition[:10] + ['...']}")
+    shape = (mcfg.img_channels, mcfg.img_resolution, mcfg.img_resolution)
+    # data: paired set (dm), real images of the partition (adm: F_ADM, tsm)
+    pairs = load_pairs(cfg, partition, mcfg, device) if cfg.stage == "dm" and cfg.lambda_reg else None
+    real = sample.ImageFolder(cfg.data, classes=partition, resolution=mcfg.img_resolution,
+                              channels=mcfg.img_channels, need_labels=True) if cfg.stage in ("adm", "tsm") else None
+    if real is not None and real.shape != shape:
+        raise ValueError(f"--data {cfg.data}: images {real.shape} do not fit the model {shape}")
+    lpips_fn = None
+    if pairs is not None and cfg.reg_loss == "lpips":
+        import lpips
+        with torch.random.fork_rng():
+            torch.manual_seed(cfg.seed)
+            lpips_fn = lpips.LPIPS(net="vgg", pnet_rand=cfg.lpips_random, verbose=False).to(device).eval()
+        lpips_fn.requires_grad_(False)
+    if cfg.channels_last:
+        for m in (teacher, net, fake):
+            if m is not None:
+                m.to(memory_format=torch.channels_last)
+    critic = adm.FakeWithHead(fake, head) if head is not None else fake  # what the second optimiser trains
+    adamw = lambda params: torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    r = types.SimpleNamespace(
+        cfg=cfg, rank=rank, world=world, master=rank == 0, device=device, per_rank=per_rank, micro=micro,
+        accum=per_rank // micro, teacher=teacher, net=net, fake=fake, head=head, critic=critic,
+        opt_net=adamw(net.parameters()), opt_critic=adamw(critic.parameters()) if critic is not None else None,
+        scalers=[torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None for _ in range(2)],
+        ema=copy.deepcopy(net).eval().requires_grad_(False) if cfg.ema_halflife_kimg else None,
+        partition=partition, partitions=partitions, shape=shape, sigma_data=mcfg.sigma_data, pairs=pairs,
+        real=real, lpips_fn=lpips_fn, classes=torch.tensor(partition, device=device),
+        sigmas=dmd.karras_sigmas(NUM_LEVELS).to(device), n_pairs=len(pairs[0]) if pairs is not None else 0,
+        n_real=len(real) if real is not None else 0, step=0, skipped=0, bad=0, log=None, terms_acc={},
+        t_last=time.time(), n_last=0)
+    if cfg.resume:
+        resume(r)
+    # DDP for the nets that train (after resume: DDP broadcasts rank 0's weights), then torch.compile
+    frozen = lambda m: torch.compile(m) if cfg.compile and m is not None else m
+    wrap = lambda m: frozen(DDP(m, device_ids=[device.index] if device.type == "cuda" else None,
+                                broadcast_buffers=False) if world > 1 else m)
+    r.net_train, r.teacher_f, r.fake_f, r.critic_f = wrap(net), frozen(teacher), frozen(fake), frozen(critic)
+    r.critic_train = wrap(critic) if critic is not None else None
+    r.G = edm_unet.OneStep(r.net_train)  # G(z, y) = D(80 z, 80, y)
+    os.makedirs(cfg.out, exist_ok=True)
+    return r
 
 
 def amp(cfg, device):
     return sample.amp(device.type, sample.AUTOCAST[cfg.precision])
 
 
-# ----------------------------------------------------------------------------- losses of one micro-batch
+def no_sync(r, model, i):
+    """Skip DDP's gradient all-reduce on all but the last micro-batch of an accumulated step."""
+    return model.no_sync() if r.world > 1 and i < r.accum - 1 else contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------- one step's randomness
+
+def rng(cfg, step, stream, device):
+    """All randomness of a step comes from (seed, step, stream): a resumed run draws what an
+    uninterrupted one would, and every rank draws the same *global* batch, then takes its slice."""
+    return torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step * 16 + stream)
+
+
+def draw_batch(r, step, stream, with_pairs=True):
+    """The whole global batch of one update: z, y, t and noise for G (Eq. 6), the fake score's own t
+    and noise (Eq. 8, all levels as in DMD Alg. 1), pair and real-image indices."""
+    cfg, B, shape, dev = r.cfg, r.cfg.batch, r.shape, r.device
+    g = rng(cfg, step, stream, dev)
+    b = {"z": torch.randn((B, *shape), generator=g, device=dev),                          # (B, C, H, W)
+         "y": r.classes[torch.randint(len(r.classes), (B,), generator=g, device=dev)],    # labels of Y_k
+         "sigma": tsm.sample_sigma_lognormal(B, cfg.P_mean, cfg.P_std, g, dev) if cfg.stage == "tsm"
+         else dmd.sample_sigma(B, r.sigmas, cfg.t_min, cfg.t_max, g)}
+    b["noise"] = torch.randn((B, *shape), generator=g, device=dev)
+    if cfg.stage != "tsm":
+        b["sigma_fake"] = dmd.sample_sigma(B, r.sigmas, 0, NUM_LEVELS, g)
+        b["noise_fake"] = torch.randn((B, *shape), generator=g, device=dev)
+    if r.n_pairs and with_pairs:
+        b["pair_idx"] = torch.randint(r.n_pairs, (B,), generator=g, device=dev)
+    if r.n_real:
+        b["real_idx"] = torch.randint(r.n_real, (B,), generator=g, device=dev)
+        b["noise_real"] = torch.randn((B, *shape), generator=g, device=dev)
+    return b
+
+
+def micro_batches(r, b):
+    """This rank's slice of the global batch, in `accum` micro-batches: yields (i, dict)."""
+    lo = r.rank * r.per_rank
+    for i in range(r.accum):
+        yield i, {k: v[lo + i * r.micro: lo + (i + 1) * r.micro] for k, v in b.items()}
+
+
+def real_batch(real, idx, device):
+    """Real images (B, C, H, W) in [-1, 1] and their labels, from an ImageFolder."""
+    items = [real[i] for i in idx.tolist()]
+    return (sample.from_uint8(torch.stack([x for x, _ in items]).to(device)),
+            torch.tensor([y for _, y in items], device=device))
+
+
+# ----------------------------------------------------------------------------- the losses
 
 def generator_losses(cfg, G, teacher, fake, critic, lpips_fn, b, pairs):
     """G's loss terms on micro-batch b: DM (Eq. 6), regression (Eq. 9), GAN (adm). Returns (terms, x)."""
@@ -257,16 +391,6 @@ def generator_losses(cfg, G, teacher, fake, critic, lpips_fn, b, pairs):
     return terms, x
 
 
-def loss_weights(cfg):
-    """The weight of every loss term, by the name the loss functions give it."""
-    return {"dm": 1.0, "reg": cfg.lambda_reg, "gan_g": cfg.lambda_gan_g, "fake": 1.0, "gan_d": cfg.lambda_gan_d, "tsm": 1.0}
-
-
-def weighted(cfg, terms):
-    w = loss_weights(cfg)
-    return sum(w[k] * v for k, v in terms.items())
-
-
 def critic_losses(cfg, critic, x, b, sigma_data, real=None):
     """mu_fake's denoising loss on detached G samples (Eq. 8) [+ the GAN discriminator loss (adm)].
 
@@ -282,28 +406,19 @@ def critic_losses(cfg, critic, x, b, sigma_data, real=None):
             "gan_d": adm.gan_d_loss(logits[:n], logits[n:])}
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-def save_resume(cfg, step, state, keep=2):
-    """Atomic resume file, then prune old ones: a crash at any point leaves a loadable checkpoint."""
-    path = os.path.join(cfg.out, f"resume-{step:08d}.pt")
-    edm_unet.atomic_save({"config": dataclasses.asdict(cfg), "step": step, **state}, path)
-    for old in sorted(glob.glob(os.path.join(cfg.out, "resume-*.pt")))[:-keep]:
-        os.remove(old)
+def loss_weights(cfg):
+    """The weight of every loss term, by the name the loss functions give it."""
+    return {"dm": 1.0, "reg": cfg.lambda_reg, "gan_g": cfg.lambda_gan_g, "fake": 1.0, "gan_d": cfg.lambda_gan_d, "tsm": 1.0}
 
 
-def load_resume(cfg, master=True):
-    """Newest loadable resume file; a corrupt or truncated one is reported and skipped. None if none."""
-    for path in sorted(glob.glob(os.path.join(cfg.out, "resume-*.pt")), reverse=True):
-        try:
-            return edm_unet.load_file(path), path
-        except FileNotFoundError:
-            continue  # renamed by rank 0 meanwhile
-        except ValueError as e:
-            print(f"warning: {e}; trying the previous checkpoint")
-            if master:
-                os.replace(path, path + ".corrupt")  # out of the rotation, kept for inspection
-    return None, None
+def weighted(cfg, terms):
+    w = loss_weights(cfg)
+    return sum(w[k] * v for k, v in terms.items())
+
+
+def add_terms(acc, terms, scale):
+    for k, v in terms.items():
+        acc[k] = acc.get(k, 0) + v.detach().float() / scale
 
 
 def optimizer_step(cfg, params, opt, scaler):
@@ -321,218 +436,184 @@ def optimizer_step(cfg, params, opt, scaler):
     return norm.detach(), ok
 
 
-# ----------------------------------------------------------------------------- training
+# ----------------------------------------------------------------------------- one step of DMD Alg. 1
 
-def draw_batch(cfg, step, stream, shape, classes, sigmas, device, n_pairs=0, n_real=0):
-    """The whole global batch of one update (every rank draws it and slices its own part)."""
-    g, B = rng(cfg, step, stream, device), cfg.batch
-    b = {"z": torch.randn((B, *shape), generator=g, device=device),
-         "y": classes[torch.randint(len(classes), (B,), generator=g, device=device)],
-         "sigma": tsm.sample_sigma_lognormal(B, cfg.P_mean, cfg.P_std, g, device) if cfg.stage == "tsm"
-         else dmd.sample_sigma(B, sigmas, cfg.t_min, cfg.t_max, g)}
-    b["noise"] = torch.randn((B, *shape), generator=g, device=device)
-    if cfg.stage != "tsm":  # the fake score's own t and noise (DMD Alg. 1 draws them afresh)
-        b["sigma_fake"] = dmd.sample_sigma(B, sigmas, cfg.t_min, cfg.t_max, g)
-        b["noise_fake"] = torch.randn((B, *shape), generator=g, device=device)
-    if n_pairs:
-        b["pair_idx"] = torch.randint(n_pairs, (B,), generator=g, device=device)
-    if n_real:
-        b["real_idx"] = torch.randint(n_real, (B,), generator=g, device=device)
-        b["noise_real"] = torch.randn((B, *shape), generator=g, device=device)
-    return b
+def update_generator(r, b_gen):
+    """DMD Alg. 1 l.5-9: G's loss Eq. 6 + lambda_reg * Eq. 9 [+ GAN] (MSD Eq. 4), one AdamW step.
+    tsm: the student's Eq. 3 step instead. -> (terms, G's samples per micro-batch, ok)."""
+    cfg, terms_sum, xs = r.cfg, {}, []
+    if r.critic is not None:
+        r.critic.requires_grad_(False)  # the GAN term's gradient goes through the critic into G only
+    for i, b in micro_batches(r, b_gen):
+        with no_sync(r, r.net_train, i), amp(cfg, r.device):
+            if cfg.stage == "tsm":
+                x, y = real_batch(r.real, b["real_idx"], r.device)
+                target = r.teacher_f if cfg.target == "teacher" else None
+                terms = {"tsm": tsm.tsm_loss(r.net_train, target, x, b["sigma"], y, r.sigma_data, b["noise"])}
+            else:
+                terms, x = generator_losses(cfg, r.G, r.teacher_f, r.fake_f, r.critic_f, r.lpips_fn, b, r.pairs)
+            (weighted(cfg, terms) / r.accum).backward()
+        xs.append(x.detach())
+        add_terms(terms_sum, terms, r.accum)
+    if r.critic is not None:
+        r.critic.requires_grad_(True)
+    norm, ok = optimizer_step(cfg, r.net.parameters(), r.opt_net, r.scalers[0])
+    if r.ema is not None and ok:
+        beta = 0.5 ** (cfg.batch / (cfg.ema_halflife_kimg * 1000))
+        with torch.no_grad():
+            for pe, p in zip(r.ema.parameters(), r.net.parameters()):
+                pe.lerp_(p, 1 - beta)
+    return {**terms_sum, "gnorm_net": norm.float()}, xs, ok
 
 
-def real_batch(real, idx, device):
-    """Real images (B, C, H, W) in [-1, 1] and their labels, from an ImageFolder."""
-    items = [real[i] for i in idx.tolist()]
-    return (sample.from_uint8(torch.stack([x for x, _ in items]).to(device)),
-            torch.tensor([y for _, y in items], device=device))
-
-
-def micro_batches(b, lo, micro, accum):
-    for i in range(accum):
-        yield i, {k: v[lo + i * micro: lo + (i + 1) * micro] for k, v in b.items()}
+def update_fake_score(r, b_gen, xs, step):
+    """DMD Alg. 1 l.10-12: mu_fake's denoising loss (Eq. 8) on detached G samples [+ the GAN
+    discriminator (adm)], one AdamW step; DMD2's TTUR repeats it on fresh batches. -> (terms, ok)."""
+    cfg, n, terms_sum, ok = r.cfg, r.cfg.fake_steps_per_gen, {}, True
+    for j in range(n):
+        b_fake = b_gen if j == 0 else draw_batch(r, step, 1 + j, with_pairs=False)
+        for i, b in micro_batches(r, b_fake):
+            if j > 0:
+                with torch.no_grad(), amp(cfg, r.device):
+                    xs[i] = r.G(b["z"], b["y"]).detach()
+            real = real_batch(r.real, b["real_idx"], r.device) if cfg.stage == "adm" else None
+            with no_sync(r, r.critic_train, i), amp(cfg, r.device):
+                terms = critic_losses(cfg, r.critic_train, xs[i], b, r.sigma_data, real)
+                (weighted(cfg, terms) / r.accum).backward()
+            add_terms(terms_sum, terms, r.accum * n)
+        norm, ok_j = optimizer_step(cfg, r.critic.parameters(), r.opt_critic, r.scalers[1])
+        terms_sum["gnorm_fake"] = terms_sum.get("gnorm_fake", 0) + norm.float() / n
+        ok = ok and ok_j
+    return terms_sum, ok
 
 
 def train(cfg):
-    cfg.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    for k, v in STAGE_DEFAULTS.get(cfg.stage, {}).items():
-        if getattr(cfg, k) is None:
-            setattr(cfg, k, v)
-    check_config(cfg)
-    rank, world, device, per_rank, micro = setup_dist(cfg)
-    master, accum = rank == 0, per_rank // micro
-    torch.manual_seed(cfg.seed)  # a fresh --preset student is the same on every rank
-    teacher, net, fake, head = build_nets(cfg, device)
-    mcfg = net.cfg
-    if cfg.num_students > mcfg.label_dim:
-        raise ValueError(f"--num-students {cfg.num_students} exceeds the {mcfg.label_dim} classes")
-    emb = label_embeddings(teacher or net) if cfg.split == "kmeans" else None
-    partitions = make_partition(mcfg.label_dim, cfg.num_students, cfg.split, cfg.split_seed, emb)
-    partition = partitions[cfg.partition]
-    if master:
-        print(f"stage {cfg.stage}: student {cfg.partition} of {cfg.num_students} ({cfg.split}) owns "
-              f"{len(partition)} classes: {partition if len(partition) <= 20 else partition[:10] + ['...']}")
-    shape = (mcfg.img_channels, mcfg.img_resolution, mcfg.img_resolution)
-
-    # data: paired set (dm), real images of the partition (adm: F_ADM, tsm)
-    pairs = load_pairs(cfg, partition, mcfg, device) if cfg.stage == "dm" and cfg.lambda_reg else None
-    real = sample.ImageFolder(cfg.data, classes=partition, resolution=mcfg.img_resolution,
-                              channels=mcfg.img_channels, need_labels=True) if cfg.stage in ("adm", "tsm") else None
-    if real is not None and real.shape != shape:
-        raise ValueError(f"--data {cfg.data}: images {real.shape} do not fit the model {shape}")
-    lpips_fn = None
-    if pairs is not None and cfg.reg_loss == "lpips":
-        import lpips
-        with torch.random.fork_rng():
-            torch.manual_seed(cfg.seed)
-            lpips_fn = lpips.LPIPS(net="vgg", pnet_rand=cfg.lpips_random, verbose=False).to(device).eval()
-        lpips_fn.requires_grad_(False)
-
-    if cfg.channels_last:
-        for m in (teacher, net, fake):
-            if m is not None:
-                m.to(memory_format=torch.channels_last)
-    critic = adm.FakeWithHead(fake, head) if head is not None else fake  # what the second optimiser trains
-    adamw = lambda params: torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
-    opt_net = adamw(net.parameters())
-    opt_critic = adamw(critic.parameters()) if critic is not None else None
-    scalers = [torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None for _ in range(2)]
-    ema = copy.deepcopy(net).eval().requires_grad_(False) if cfg.ema_halflife_kimg else None
-
-    step, skipped = 0, 0
-    ckpt, path = load_resume(cfg, master) if cfg.resume else (None, None)
-    if ckpt is not None:
-        if ckpt["partition"] != partition or ckpt["config"]["stage"] != cfg.stage:
-            raise ValueError(f"{path} is stage {ckpt['config']['stage']} with partition {ckpt['partition'][:5]}...; "
-                             f"this run is stage {cfg.stage} with {partition[:5]}...")
-        net.load_state_dict(ckpt["net"]), opt_net.load_state_dict(ckpt["opt_net"])
-        if critic is not None:
-            critic.load_state_dict(ckpt["critic"]), opt_critic.load_state_dict(ckpt["opt_critic"])
-        for sc, st in zip(scalers, ckpt["scalers"]):
-            if sc is not None and st is not None:
-                sc.load_state_dict(st)
-        if ema is not None and ckpt.get("ema") is not None:
-            ema.load_state_dict(ckpt["ema"])
-        step, skipped = ckpt["step"], ckpt["skipped"]
-        if master:
-            print(f"resumed from {path} at step {step}")
-
-    def wrap(m):  # DDP for the nets that train, then torch.compile
-        if world > 1:
-            m = DDP(m, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
-        return torch.compile(m) if cfg.compile else m
-
-    frozen = (lambda m: torch.compile(m) if cfg.compile and m is not None else m)
-    net_train, teacher_f, fake_f, critic_f = wrap(net), frozen(teacher), frozen(fake), frozen(critic)
-    critic_train = wrap(critic) if critic is not None else None
-    G = edm_unet.OneStep(net_train)  # G(z, y) = D(80 z, 80, y)
-    sigmas = dmd.karras_sigmas(1000).to(device)  # App. D.2.1: 1000 bins in [0.002, 80]
-    classes = torch.tensor(partition, device=device)
-    n_pairs, n_real = len(pairs[0]) if pairs is not None else 0, len(real) if real is not None else 0
-    ctx = lambda: amp(cfg, device)
-    no_sync = lambda m, i: m.no_sync() if world > 1 and i < accum - 1 else contextlib.nullcontext()
-    os.makedirs(cfg.out, exist_ok=True)
-    log, bad, t_last, n_last, terms_acc = None, 0, time.time(), step, {}
-
-    while step < cfg.iters:
-        torch.manual_seed(cfg.seed * 7919 + step * 131 + rank)  # dropout (tsm): a pure function of the step
-        # --- 1. update the trained net: G (dm/adm, DMD Alg. 1) or the TSM student (Eq. 3)
-        b_gen = draw_batch(cfg, step, 0, shape, classes, sigmas, device, n_pairs, n_real)
-        xs = []
-        if critic is not None:
-            critic.requires_grad_(False)  # the GAN term's gradient goes through the critic into G only
-        for i, b in micro_batches(b_gen, rank * per_rank, micro, accum):
-            with no_sync(net_train, i), ctx():
-                if cfg.stage == "tsm":
-                    x, y = real_batch(real, b["real_idx"], device)
-                    terms = {"tsm": tsm.tsm_loss(net_train, teacher_f if cfg.target == "teacher" else None,
-                                                 x, b["sigma"], y, mcfg.sigma_data, b["noise"])}
-                else:
-                    terms, x = generator_losses(cfg, G, teacher_f, fake_f, critic_f, lpips_fn, b, pairs)
-                (weighted(cfg, terms) / accum).backward()
-            xs.append(x.detach())
-            for k, v in terms.items():
-                terms_acc[k] = terms_acc.get(k, 0) + v.detach().float() / accum
-        if critic is not None:
-            critic.requires_grad_(True)
-        norm_net, ok = optimizer_step(cfg, net.parameters(), opt_net, scalers[0])
-        if ema is not None and ok:
-            beta = 0.5 ** (cfg.batch / (cfg.ema_halflife_kimg * 1000))
-            with torch.no_grad():
-                for pe, p in zip(ema.parameters(), net.parameters()):
-                    pe.lerp_(p, 1 - beta)
-        # --- 2. update mu_fake (Eq. 8) [+ GAN head (adm)] on detached G samples; TTUR repeats it
-        for j in range(cfg.fake_steps_per_gen if critic is not None else 0):
-            b_fake = b_gen if j == 0 else draw_batch(cfg, step, 1 + j, shape, classes, sigmas, device, 0, n_real)
-            for i, b in micro_batches(b_fake, rank * per_rank, micro, accum):
-                if j > 0:
-                    with torch.no_grad(), ctx():
-                        xs[i] = G(b["z"], b["y"]).detach()
-                r = real_batch(real, b["real_idx"], device) if cfg.stage == "adm" else None
-                with no_sync(critic_train, i), ctx():
-                    terms = critic_losses(cfg, critic_train, xs[i], b, mcfg.sigma_data, r)
-                    (weighted(cfg, terms) / accum).backward()
-                for k, v in terms.items():
-                    terms_acc[k] = terms_acc.get(k, 0) + v.detach().float() / (accum * cfg.fake_steps_per_gen)
-            norm_fake, ok_fake = optimizer_step(cfg, critic.parameters(), opt_critic, scalers[1])
-            terms_acc["gnorm_fake"] = terms_acc.get("gnorm_fake", 0) + norm_fake.float() / cfg.fake_steps_per_gen
-            ok = ok and ok_fake
-        terms_acc["gnorm_net"] = terms_acc.get("gnorm_net", 0) + norm_net.float()
-        step += 1
-        skipped, bad = skipped + (not ok), 0 if ok else bad + 1
-        if bad > cfg.max_bad_steps:
-            raise RuntimeError(f"{bad} non-finite steps in a row at step {step}: lower --lr, or check the data/precision")
-
-        # --- logging, probes, samples, checkpoints (rank 0 writes)
-        if master and (step % cfg.log_every == 0 or step == cfg.iters):
-            dt, n = time.time() - t_last, step - n_last
-            log = {"step": step, **{k: float(f"{float(v) / n:.4g}") for k, v in terms_acc.items()},
-                   "ms_per_iter": round(1000 * dt / n, 1), "img_per_s": round(cfg.batch * n / dt, 1), "skipped": skipped}
-            if device.type == "cuda":
-                log["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2)
-            print(" ".join(f"{k} {v}" for k, v in log.items()), flush=True)
-            with open(os.path.join(cfg.out, "log.jsonl"), "a") as f:
-                f.write(json.dumps(log) + "\n")
-        if step % cfg.log_every == 0 or step == cfg.iters:
-            t_last, n_last, terms_acc = time.time(), step, {}
-        if master and cfg.grad_probe_every and step % cfg.grad_probe_every == 0 and cfg.stage != "tsm":
-            b = next(micro_batches(b_gen, 0, micro, 1))[1]  # the generator's batch, which has the pairs
-            probe = grad_probe(cfg, net, teacher_f, fake, critic, lpips_fn, b, pairs, ctx)
-            print("grad probe (weighted |grad| on G): " + " ".join(f"{k} {v:.4g}" for k, v in probe.items()), flush=True)
-            with open(os.path.join(cfg.out, "log.jsonl"), "a") as f:
-                f.write(json.dumps({"step": step, "grad_probe": probe}) + "\n")
-        if master and (step % cfg.sample_every == 0 or step == cfg.iters):
-            save_samples(cfg, ema or net, partition, shape, device, step)
-        if master and (step % cfg.ckpt_every == 0 or step == cfg.iters):
-            save_resume(cfg, step, {"partition": partition, "partitions": partitions, "skipped": skipped,
-                                    "net": net.state_dict(), "opt_net": opt_net.state_dict(),
-                                    "critic": critic.state_dict() if critic is not None else None,
-                                    "opt_critic": opt_critic.state_dict() if critic is not None else None,
-                                    "scalers": [s.state_dict() if s is not None else None for s in scalers],
-                                    "ema": ema.state_dict() if ema is not None else None})
-            edm_unet.save_model(ema or net, os.path.join(cfg.out, "student.pt"), partition=partition,
-                                stage=cfg.stage, step=step, sigma_max=80.0)
+    r = setup(cfg)
+    for step in range(r.step, cfg.iters):
+        torch.manual_seed(cfg.seed * 7919 + step * 131 + r.rank)  # dropout (tsm): a pure function of the step
+        b = draw_batch(r, step, 0)                        # z, y, t, noise: a function of (seed, step)
+        g_terms, xs, ok = update_generator(r, b)          # Alg. 1 l.5-9: Eq. 6 + lambda_reg Eq. 9 [+ GAN]; tsm: Eq. 3
+        f_terms, ok_f = update_fake_score(r, b, xs, step) if r.critic is not None else ({}, True)  # l.10-12: Eq. 8 [+ D]
+        log_and_checkpoint(r, step + 1, b, {**g_terms, **f_terms}, ok and ok_f)
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-    return {"step": step, "log": log, "partition": partition, "skipped": skipped,
-            "net": net, "fake": fake, "head": head, "teacher": teacher}
+    return {"step": r.step, "log": r.log, "partition": r.partition, "skipped": r.skipped,
+            "net": r.net, "fake": r.fake, "head": r.head, "teacher": r.teacher}
 
 
-def grad_probe(cfg, net, teacher, fake, critic, lpips_fn, b, pairs, ctx):
+# ----------------------------------------------------------------------------- logging and checkpoints
+
+def log_and_checkpoint(r, step, b_gen, terms, ok):
+    """Count skipped steps; every few steps: log line, gradient probe, sample grid, resume file (rank 0)."""
+    cfg, out = r.cfg, r.cfg.out
+    r.step, r.skipped, r.bad = step, r.skipped + (not ok), 0 if ok else r.bad + 1
+    if r.bad > cfg.max_bad_steps:
+        raise RuntimeError(f"{r.bad} non-finite steps in a row at step {step}: lower --lr, or check the data/precision")
+    add_terms(r.terms_acc, terms, 1)
+    if step % cfg.log_every == 0 or step == cfg.iters:
+        if r.master:
+            dt, n = time.time() - r.t_last, step - r.n_last
+            r.log = {"step": step, **{k: float(f"{float(v) / n:.4g}") for k, v in r.terms_acc.items()},
+                     "ms_per_iter": round(1000 * dt / n, 1), "img_per_s": round(cfg.batch * n / dt, 1), "skipped": r.skipped}
+            if r.device.type == "cuda":
+                r.log["peak_gib"] = round(torch.cuda.max_memory_allocated(r.device) / 2 ** 30, 2)
+            print(" ".join(f"{k} {v}" for k, v in r.log.items()), flush=True)
+            with open(os.path.join(out, "log.jsonl"), "a") as f:
+                f.write(json.dumps(r.log) + "\n")
+        r.t_last, r.n_last, r.terms_acc = time.time(), step, {}
+    if not r.master:
+        return
+    if cfg.grad_probe_every and step % cfg.grad_probe_every == 0 and cfg.stage != "tsm":
+        b = next(micro_batches(types.SimpleNamespace(rank=0, per_rank=0, accum=1, micro=r.micro), b_gen))[1]
+        probe = grad_probe(r, b)
+        print("grad probe (weighted |grad| on G): " + " ".join(f"{k} {v:.4g}" for k, v in probe.items()), flush=True)
+        with open(os.path.join(out, "log.jsonl"), "a") as f:
+            f.write(json.dumps({"step": step, "grad_probe": probe}) + "\n")
+    if step % cfg.sample_every == 0 or step == cfg.iters:
+        save_samples(cfg, r.ema or r.net, r.partition, r.shape, r.device, step)
+    if step % cfg.ckpt_every == 0 or step == cfg.iters:
+        save_resume(cfg, step, {"partition": r.partition, "partitions": r.partitions, "skipped": r.skipped,
+                                "net": r.net.state_dict(), "opt_net": r.opt_net.state_dict(),
+                                "critic": r.critic.state_dict() if r.critic is not None else None,
+                                "opt_critic": r.opt_critic.state_dict() if r.critic is not None else None,
+                                "scalers": [s.state_dict() if s is not None else None for s in r.scalers],
+                                "ema": r.ema.state_dict() if r.ema is not None else None})
+        edm_unet.save_model(r.ema or r.net, os.path.join(out, "student.pt"), partition=r.partition,
+                            stage=cfg.stage, step=step, sigma_max=80.0)
+
+
+def save_resume(cfg, step, state, keep=2):
+    """Atomic resume file, then prune old ones: a crash at any point leaves a loadable checkpoint."""
+    path = os.path.join(cfg.out, f"resume-{step:08d}.pt")
+    edm_unet.atomic_save({"config": dataclasses.asdict(cfg), "step": step, **state}, path)
+    for old in sorted(glob.glob(os.path.join(cfg.out, "resume-*.pt")))[:-keep]:
+        os.remove(old)
+
+
+def load_resume(cfg, master=True):
+    """Newest loadable resume file -> (checkpoint, path); (None, None) when --out holds none.
+
+    A corrupt newer file is renamed `.corrupt` once an older one loads. When files exist but none
+    loads, stop with an error: starting over would overwrite student.pt and the evidence.
+    """
+    paths = sorted(glob.glob(os.path.join(cfg.out, "resume-*.pt")), reverse=True)
+    corrupt = []
+    for path in paths:
+        try:
+            ckpt = edm_unet.load_file(path)
+        except FileNotFoundError:
+            continue  # renamed by rank 0 meanwhile
+        except ValueError as e:
+            print(f"warning: {e}; trying the previous checkpoint")
+            corrupt.append(path)
+            continue
+        for bad in corrupt if master else []:
+            os.replace(bad, bad + ".corrupt")  # out of the rotation, kept for inspection
+        return ckpt, path
+    if corrupt:
+        raise ValueError(f"--resume: none of the resume files in {cfg.out!r} loads ({', '.join(map(os.path.basename, corrupt))} "
+                         f"are corrupt or truncated); nothing was overwritten. Move them away to start afresh")
+    return None, None
+
+
+def resume(r):
+    """Restore nets, optimisers, scalers, EMA, step and counters from the newest loadable resume file."""
+    cfg = r.cfg
+    ckpt, path = load_resume(cfg, r.master)
+    if ckpt is None:
+        if r.master:
+            print(f"--resume: no resume-*.pt in {cfg.out!r}; starting fresh")
+        return
+    if ckpt["partition"] != r.partition or ckpt["config"]["stage"] != cfg.stage:
+        raise ValueError(f"{path} is stage {ckpt['config']['stage']} with partition {ckpt['partition'][:5]}...; "
+                         f"this run is stage {cfg.stage} with {r.partition[:5]}...")
+    r.net.load_state_dict(ckpt["net"]), r.opt_net.load_state_dict(ckpt["opt_net"])
+    if r.critic is not None:
+        r.critic.load_state_dict(ckpt["critic"]), r.opt_critic.load_state_dict(ckpt["opt_critic"])
+    for sc, st in zip(r.scalers, ckpt["scalers"]):
+        if sc is not None and st is not None:
+            sc.load_state_dict(st)
+    if r.ema is not None and ckpt.get("ema") is not None:
+        r.ema.load_state_dict(ckpt["ema"])
+    r.step, r.n_last, r.skipped = ckpt["step"], ckpt["step"], ckpt["skipped"]
+    if r.master:
+        print(f"resumed from {path} at step {r.step}")
+
+
+def grad_probe(r, b):
     """|grad_G| of each weighted loss term on its own (DMD users balance lambda_reg by these)."""
-    params = [p for p in net.parameters() if p.requires_grad]
-    if critic is not None:
-        critic.requires_grad_(False)
-    with ctx():
-        terms, _ = generator_losses(cfg, edm_unet.OneStep(net), teacher, fake, critic, lpips_fn, b, pairs)
-    w, out = loss_weights(cfg), {}
+    params = [p for p in r.net.parameters() if p.requires_grad]
+    if r.critic is not None:
+        r.critic.requires_grad_(False)
+    with amp(r.cfg, r.device):
+        terms, _ = generator_losses(r.cfg, edm_unet.OneStep(r.net), r.teacher_f, r.fake, r.critic, r.lpips_fn, b, r.pairs)
+    w, out = loss_weights(r.cfg), {}
     for k, v in terms.items():
         grads = torch.autograd.grad(w[k] * v, params, retain_graph=True, allow_unused=True)
         out[k] = float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None)))
-    if critic is not None:
-        critic.requires_grad_(True)
+    if r.critic is not None:
+        r.critic.requires_grad_(True)
     return out
 
 
@@ -550,14 +631,25 @@ def save_samples(cfg, net, partition, shape, device, step, per_class=8):
     sample.save_grid(os.path.join(cfg.out, f"samples_{step:08d}.png"), sample.to_uint8(x.float()).cpu(), ncol=per_class)
 
 
+# ----------------------------------------------------------------------------- command line
+
+def config_help():
+    """Each Config field's trailing comment in this file: the dataclass documents the flags."""
+    return dict(re.findall(r"^\s+(\w+): [^#\n]*#\s*(.*)$", inspect.getsource(Config), re.M))
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    doc = config_help()
     for f in dataclasses.fields(Config):
         kind = [a for a in typing.get_args(f.type) if a is not type(None)] or [f.type]
+        name, text = f"--{f.name.replace('_', '-')}", doc.get(f.name, "")
         if kind[0] is bool:
-            p.add_argument(f"--{f.name.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=f.default)
+            p.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default, help=text)
         else:
-            p.add_argument(f"--{f.name.replace('_', '-')}", type=kind[0], default=f.default)
+            shown = "the stage's paper value" if f.default is None else repr(f.default) if f.default == "" else f.default
+            p.add_argument(name, type=kind[0], default=f.default, choices=CHOICES.get(f.name),
+                           help=f"{text} (default: {shown})".replace("%", "%%"))
     return Config(**vars(p.parse_args(argv)))
 
 
@@ -566,4 +658,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:  # the user's input: one line and argparse's exit status 2
+        sys.exit(print(f"error: {e}", file=sys.stderr) or 2)

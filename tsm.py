@@ -1,14 +1,14 @@
 """Teacher score matching (MSD Sec. 3.3, Eq. 3): pretrain a smaller student denoiser.
 
-    python tsm.py --teacher teacher.pt --preset S --data imagenet-64x64.zip --partition 0 --num-students 4
-    python tsm.py --target data --preset tiny --data digits16 --out out/teacher    # plain EDM training
+    python msd.py --stage tsm --teacher teacher.pt --preset S --data imagenet-64x64.zip --partition 0 --num-students 4
+    python msd.py --stage tsm --target data --preset tiny --data my_dataset.zip --out out/teacher  # plain EDM training
 
 L_TSM = E_t[lambda_t ||mu_student(x_t, t) - mu_teacher(x_t, t)||^2] with EDM's log-normal sigma
 (P_mean, P_std) = (-1.2, 1.2) and lambda_t = (sigma^2 + 0.5^2)/(sigma * 0.5)^2 (App. D.2.2). The
 result initialises both the generator and the fake score of the DM stage (`msd.py --init`).
 `--target data` regresses onto the clean image instead: EDM's denoising score matching, used to
-train a small teacher from data. The loop (precision, torchrun, resume, logging) is msd.py's:
-this script is `msd.py --stage tsm`.
+train a small teacher from data. This file holds the loss only; the training loop (precision,
+torchrun, resume, logging) is msd.py's, run as `python msd.py --stage tsm`.
 """
 import torch
 
@@ -30,11 +30,5 @@ def tsm_loss(student, teacher, x, sigma, labels, sigma_data, noise):
     return dmd.weighted_error(student(x_t, sigma, labels), target, sigma, sigma_data)
 
 
-def main(argv=None):
-    import sys
-    import msd  # the shared training loop; imported here so that msd.py can import this file
-    return msd.main(["--stage", "tsm", *(sys.argv[1:] if argv is None else argv)])
-
-
 if __name__ == "__main__":
-    main()
+    raise SystemExit("tsm.py holds Eq. 3; train a student with it: python msd.py --stage tsm ... (python msd.py --help)")

@@ -4,7 +4,7 @@
     python bench/digits.py --quick    # a minute-long smoke run of the same pipeline (used by a test)
 
 The pipeline is the project's own scripts, called through their `main(argv)` (the command each
-call equals is printed): `tsm.py --target data` trains a small EDM teacher on the digits, `sample.py
+call equals is printed): `msd.py --stage tsm --target data` trains a small EDM teacher on the digits, `sample.py
 pairs` makes the shared paired set, `msd.py` distils K = 1, 2, 5 students on consecutive class
 blocks with equal per-student iterations and batch (the paper's setting), `sample.py students`
 routes labels to students, and `evaluate.py` computes Frechet distances in the feature space of a
@@ -31,7 +31,6 @@ import edm_unet  # noqa: E402
 import evaluate  # noqa: E402
 import msd  # noqa: E402
 import sample  # noqa: E402
-import tsm  # noqa: E402
 
 ARCH = "model_channels=32,img_resolution=8,attn_resolutions=(4,)"  # the tiny preset at 8x8, 0.83M params
 FULL = dict(teacher_iters=2500, teacher_batch=128, teacher_lr=2e-3, pairs=1000, heun_steps=32,
@@ -128,7 +127,7 @@ def main(argv=None):
 
     t0 = time.time()
     if not os.path.exists(j("teacher", "student.pt")):  # EDM denoising score matching on the digits
-        run(tsm, ["--target", "data", "--preset", "tiny", "--arch", ARCH, "--data", j("train"), "--num-students", "1",
+        run(msd, ["--stage", "tsm", "--target", "data", "--preset", "tiny", "--arch", ARCH, "--data", j("train"), "--num-students", "1",
                   "--iters", str(hp["teacher_iters"]), "--batch", str(hp["teacher_batch"]), "--lr", str(hp["teacher_lr"]),
                   "--ema-halflife-kimg", "20", "--log-every", "500", "--out", j("teacher"), *common])
     teacher = j("teacher", "student.pt")

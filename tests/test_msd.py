@@ -1,6 +1,7 @@
 """msd.py: partitions, the DM step, frozen teacher, resume, torchrun equivalence, bad input, NaN skips."""
 import glob
 import os
+import re
 import subprocess
 import sys
 
@@ -149,3 +150,86 @@ def test_grad_probe_runs_with_two_fake_steps_per_generator_step(files, tmp_path,
     msd.main(args(files, tmp_path / "p", "--iters", "1", "--fake-steps-per-gen", "2", "--grad-probe-every", "1"))
     probe = [line for line in capsys.readouterr().out.splitlines() if line.startswith("grad probe")]
     assert len(probe) == 1 and " reg " in probe[0] and " dm " in probe[0]
+
+
+def test_fake_score_draws_all_levels_and_dm_t_includes_980():
+    """Eq. 8 over all 1000 levels (DMD Alg. 1, DMD2); Eq. 6 over DMD2's t in [20, 980], both ends included."""
+    import types
+    cfg = msd.Config(batch=20_000)
+    sigmas = dmd.karras_sigmas(1000)
+    r = types.SimpleNamespace(cfg=cfg, shape=(1,), device=torch.device("cpu"), classes=torch.arange(3),
+                              sigmas=sigmas, n_pairs=0, n_real=0)
+    b = msd.draw_batch(r, step=0, stream=0)
+    assert b["sigma_fake"].min() == sigmas[0] and b["sigma_fake"].max() == sigmas[999]
+    assert b["sigma"].min() == sigmas[20] and b["sigma"].max() == sigmas[980]
+
+
+def test_resume_where_no_checkpoint_loads_stops_and_overwrites_nothing(files, tmp_path, capsys):
+    out = tmp_path / "r"
+    msd.main(args(files, out, "--iters", "2", "--ckpt-every", "1"))
+    for p in out.glob("resume-*.pt"):
+        p.write_bytes(p.read_bytes()[:100])
+    snapshot = (out / "student.pt").read_bytes()
+    with pytest.raises(ValueError, match=r"none of the resume files .* loads \(resume-00000002.pt, resume-00000001.pt are"):
+        msd.main(args(files, out, "--iters", "4", "--resume"))
+    assert (out / "student.pt").read_bytes() == snapshot
+    assert sorted(p.name for p in out.glob("resume-*")) == ["resume-00000001.pt", "resume-00000002.pt"]
+    capsys.readouterr()
+    msd.main(args(files, tmp_path / "fresh", "--iters", "1", "--resume"))  # nothing there yet: a fresh start, said once
+    assert capsys.readouterr().out.count("no resume-*.pt in") == 1
+
+
+def test_bad_numbers_and_files_are_refused_before_loading(files, tmp_path):
+    for flag, value, expect in (("--lr", "-1", "--lr -1.0: expected > 0"), ("--lr", "0", "--lr 0.0: expected > 0"),
+                                ("--batch", "0", "--batch 0: expected > 0"), ("--iters", "-5", "--iters -5: expected >= 0"),
+                                ("--t-max", "1001", "--t-max 1001"), ("--beta2", "1", "--beta2 1.0: expected in")):
+        with pytest.raises(ValueError, match=re.escape(expect)):
+            msd.main(["--teacher", "nope.pt", "--device", "cpu", flag, value])
+    (tmp_path / "junk.txt").write_text("hello")
+    with pytest.raises(ValueError, match=r"--pairs: '.*junk.txt' is not a paired-set file"):
+        msd.main(args(files, tmp_path / "o", "--pairs", str(tmp_path / "junk.txt")))
+
+
+def test_cli_user_error_is_one_line_with_exit_status_2(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "msd.py"), "--teacher", str(tmp_path / "none.pt"),
+                           "--pairs", "p.npz", "--device", "cpu"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [f"error: --teacher '{tmp_path / 'none.pt'}' does not exist"]
+
+
+def test_every_flag_has_help_with_its_default():
+    import argparse
+    parser_help = {}
+    real = argparse.ArgumentParser.add_argument
+
+    def spy(self, *a, **k):
+        parser_help[a[0]] = k.get("help", "")
+        return real(self, *a, **k)
+    argparse.ArgumentParser.add_argument = spy
+    try:
+        msd.parse_args([])
+    finally:
+        argparse.ArgumentParser.add_argument = real
+    parser_help.pop("-h")
+    assert len(parser_help) == len(msd.dataclasses.fields(msd.Config))
+    for flag, text in parser_help.items():
+        assert len(text) > 15, flag
+        assert "(default: " in text or flag in ("--lpips-random", "--compile", "--channels-last", "--resume"), flag
+    assert "App. D.2" in parser_help["--lr"] and "default: 0.01" in parser_help["--weight-decay"]
+
+
+def test_no_two_project_files_import_each_other():
+    import ast
+    mods = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "*.py"))}
+    graph = {}
+    for m in mods:
+        tree = ast.parse(open(os.path.join(ROOT, m + ".py")).read())
+        graph[m] = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names} & mods
+        graph[m] |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module in mods}
+
+    def reach(a, seen):
+        for b in graph[a] - seen:
+            seen.add(b)
+            reach(b, seen)
+        return seen
+    assert not [m for m in mods if m in reach(m, set())], graph
+    assert "msd" not in graph["tsm"]
