@@ -1,9 +1,9 @@
 """EDM's ADM-style UNet (the ImageNet-64 teacher), EDM preconditioning, student sizes,
 our own checkpoints, and a safe importer for official EDM `.pkl` checkpoints.
 
-Written from the facts in shared/EDM_ADM_SPEC.md (EDM: Karras et al. 2022, Table 1 and
-App. F; the network is Dhariwal & Nichol's ADM). Parameter names equal EDM's, so the `ema`
-network of `edm-imagenet-64x64-cond-adm.pkl` loads 1:1 (strict).
+Written from EDM's description of its network (Karras et al. 2022, Table 1 and App. F; the
+network is Dhariwal & Nichol's ADM) and the layout of its checkpoints. Parameter names equal
+EDM's, so the `ema` network of `edm-imagenet-64x64-cond-adm.pkl` loads 1:1 (strict).
 
     python edm_unet.py --preset XS --summary
     python edm_unet.py --import-edm edm-imagenet-64x64-cond-adm.pkl --out teacher.pt
@@ -16,6 +16,8 @@ import math
 import os
 import pickle
 import re
+import sys
+import zipfile
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -382,6 +384,12 @@ def _walk(node, prefix, out):
 
 def import_edm(path):
     """Read an official EDM checkpoint safely; return our EDMPrecond holding its `ema` weights."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"EDM checkpoint {path!r} does not exist")
+    if zipfile.is_zipfile(path):  # torch.save writes zip archives; EDM's snapshots are plain pickles
+        raise ValueError(f"{path}: a PyTorch checkpoint (zip archive), not an EDM network-snapshot .pkl; "
+                         f"if edm_unet.py wrote it, pass it directly where a checkpoint is read "
+                         f"(msd.py --teacher, sample.py --teacher)")
     try:
         with open(path, "rb") as f:
             data = _RestrictedUnpickler(f).load()
@@ -451,4 +459,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:  # the user's input: one line and argparse's exit status 2
+        sys.exit(print(f"error: {e}", file=sys.stderr) or 2)

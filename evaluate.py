@@ -14,6 +14,9 @@ published https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/imagenet-64x64.npz works
 per-partition FID. Any other feature extractor (bench/digits.py's classifier) plugs into `features`.
 """
 import argparse
+import os
+import sys
+import warnings
 from unittest import mock
 
 import numpy as np
@@ -81,16 +84,24 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     s1, s2 = np.atleast_2d(np.float64(sigma1)), np.atleast_2d(np.float64(sigma2))
     if mu1.shape != mu2.shape or s1.shape != s2.shape:
         raise ValueError(f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}")
-    covmean = scipy.linalg.sqrtm(s1 @ s2)
+    covmean = _sqrtm(s1 @ s2)
     if not np.isfinite(covmean).all():
         offset = np.eye(len(s1)) * eps
-        covmean = scipy.linalg.sqrtm((s1 + offset) @ (s2 + offset))
+        covmean = _sqrtm((s1 + offset) @ (s2 + offset))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
             raise ValueError(f"sqrtm has a large imaginary part ({np.abs(covmean.imag).max():.3g})")
         covmean = covmean.real
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+def _sqrtm(m):
+    """scipy's sqrtm without its 'Matrix is singular' warning (EDM's fid.py passes disp=False): a
+    singular product (fewer samples than dimensions) is expected, and a non-finite root is retried."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        return scipy.linalg.sqrtm(m)
 
 
 def inception_score(logits, splits=10):
@@ -119,9 +130,8 @@ def load_stats(path):
         raise ValueError(f"{path!r} is not a statistics file with 'mu' and 'sigma' ({type(e).__name__}: {e})") from None
 
 
-def dataset_features(path, extractor, classes=None, batch=250, device="cpu"):
-    """Features of every image of an EDM-format folder/zip (restricted to `classes`)."""
-    data = sample.ImageFolder(path, classes=classes)
+def dataset_features(data, extractor, batch=250, device="cpu"):
+    """Features of every image of an EDM-format dataset (a sample.ImageFolder)."""
     return features(data.batches(batch), extractor, device, total=-(-len(data) // batch))
 
 
@@ -137,8 +147,8 @@ def main(argv=None):
     p.add_argument("--classes", default=None, help="restrict to these labels, e.g. 0-249 (per-partition FID)")
     p.add_argument("--is", dest="inception_score", action="store_true", help="also print the Inception Score")
     p.add_argument("--inception-weights", default=None, help="local Inception state dict (default: download)")
-    p.add_argument("--batch", type=int, default=250)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=sample.positive(), default=250, help="images per forward (default 250)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: cuda if available")
     args = p.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda asked for, but CUDA is not available")
@@ -146,15 +156,19 @@ def main(argv=None):
         p.error("mode ref needs --data and --out")
     if args.mode == "fid" and not (args.images and args.ref):
         p.error("mode fid needs --images and --ref")
+    # every input is checked before the Inception weights load (a download on first use)
     classes = sample.parse_seeds(args.classes) if args.classes else None
-    ref = load_stats(args.ref) if args.mode == "fid" else None  # fail on a bad file before the long pass
+    ref = load_stats(args.ref) if args.mode == "fid" else None
+    data = sample.ImageFolder(args.data if args.mode == "ref" else args.images, classes=classes)
+    if args.inception_weights and not os.path.isfile(args.inception_weights):
+        raise FileNotFoundError(f"--inception-weights {args.inception_weights!r} does not exist")
     net = load_inception(args.inception_weights, args.device)
     if args.mode == "ref":
-        pool, _ = dataset_features(args.data, net, classes, args.batch, args.device)
+        pool, _ = dataset_features(data, net, args.batch, args.device)
         save_stats(args.out, *stats(pool))
         print(f"wrote statistics of {len(pool)} images to {args.out}")
         return
-    pool, logits = dataset_features(args.images, net, classes, args.batch, args.device)
+    pool, logits = dataset_features(data, net, args.batch, args.device)
     fid = frechet_distance(*stats(pool), *ref)
     print(f"FID {fid:.4f}  ({len(pool)} images{'' if classes is None else ', classes ' + args.classes})")
     if args.inception_score:
@@ -163,4 +177,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:  # the user's input: one line and argparse's exit status 2
+        sys.exit(print(f"error: {e}", file=sys.stderr) or 2)

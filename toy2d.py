@@ -15,8 +15,10 @@ matmuls), each on its own classes and with its own batch, exactly as independent
 """
 import argparse
 import copy
+import inspect
 import math
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, fields
 
@@ -34,30 +36,30 @@ NUM_CLASSES = 8
 @dataclass
 class ToyConfig:
     # data (MSD App. D.1)
-    outer_radius: float = 0.5
-    inner_radius: float = 0.1
-    mode_std: float = 0.005
+    outer_radius: float = 0.5     # radius of the circle the 8 class centres sit on (App. D.1)
+    inner_radius: float = 0.1     # radius of each class's ring of 8 modes (App. D.1)
+    mode_std: float = 0.005       # std of each Gaussian mode (App. D.1)
     sigma_data: float = 0.36      # per-coordinate std of the data: sqrt((0.5^2 + 0.1^2)/2) = 0.36
     # schedule (App. D.1): (sigma_min, sigma_max) = (0.002, 80), 1000 Karras steps, rho = 7
-    sigma_min: float = 0.002
-    sigma_max: float = 80.0
-    num_levels: int = 1000
+    sigma_min: float = 0.002      # lowest noise level (App. D.1)
+    sigma_max: float = 80.0       # highest noise level; the students map z * sigma_max in one step (App. D.1)
+    num_levels: int = 1000        # Karras levels t indexes (App. D.1)
     # teacher MLP and its training (App. D.1: AdamW lr 1e-4, wd 0.01, betas (0.9, 0.999))
-    width: int = 128
-    depth: int = 4                # hidden layers
+    width: int = 128              # MLP width (teacher and students)
+    depth: int = 4                # MLP hidden layers
     x_freqs: int = 0              # Fourier features sin/cos(2^k pi c_in x), k < x_freqs, of the input
     teacher_iters: int = 8000     # paper: 100k; 8k at lr 1e-3 gives a mode-resolving teacher on a CPU
     teacher_lr: float = 1e-3      # paper: 1e-4 (100k iters); raised to fit the CPU budget
-    teacher_batch: int = 1024
+    teacher_batch: int = 1024     # teacher's batch
     # EDM's log-normal sigma sampling, re-centred for this data: EDM's (-1.2, 1.2) targets images
     # (sigma_data = 0.5) and almost never draws the sigma ~ 0.005-0.05 at which the 0.005-wide modes
     # separate, so its teacher blurs each ring; (-3, 2) covers sigma in [0.001, 2.7] at +-2 std.
-    P_mean: float = -3.0
-    P_std: float = 2.0
+    P_mean: float = -3.0          # teacher's log-normal sigma: mean of ln sigma (EDM: -1.2, see above)
+    P_std: float = 2.0            # std of ln sigma (EDM: 1.2)
     # Heun steps for teacher sampling. The schedule has 1000 levels; 32 steps already give the same
     # histograms (measured: noise floor 0.158 at 32 steps vs 0.160 at 128) at 1/30 of the CPU time.
-    teacher_steps: int = 32
-    seed: int = 0
+    teacher_steps: int = 32       # Heun steps of teacher sampling (references and pairs), >= 2
+    seed: int = 0                 # seed of the teacher, its samples and the students
 
 
 @dataclass
@@ -71,11 +73,15 @@ class DistillConfig:
     reg_pairs: str = "own"        # 'own': pairs of the student's classes; 'all': whole paired set (MSD F_DM)
     # App. D.1: "only sample the first 750 of the 1000 steps". We read "first" in DMD's
     # t-indexing, where t = 0 is the *lowest* noise: t in [0, 750) -> sigma in [0.002, 17.7].
-    t_min: int = 0
-    t_max: int = 750
+    t_min: int = 0                # DM noise levels t in [t_min, t_max) of num_levels (App. D.1: the first 750)
+    t_max: int = 750              # DM noise levels: t < t_max (App. D.1: 750 of 1000)
+    fake_lr: float = 0.0          # mu_fake's learning rate; 0 = --lr (the paper uses one lr)
+    fake_steps_per_gen: int = 1   # mu_fake updates per G update (1: DMD Alg. 1; DMD2's TTUR: 5)
+    ema: float = 0.0              # per-step EMA decay of the students' weights; 0 = off (the paper)
+    lr_decay: str = "none"        # none | cosine: the students' lr schedule over --iters
     cd_steps: int = 40            # CD discretisation N (Song et al. 2023 use N = 40 on ImageNet-64)
     cd_ema: float = 0.95          # CD target-network EMA mu (Song et al. 2023, ImageNet-64 CD)
-    eval_samples: int = 100_000   # App. D.1: histograms of 100k samples
+    eval_samples: int = 100_000   # samples per histogram (App. D.1: 100k)
 
 
 # ----------------------------------------------------------------------------- data
@@ -251,16 +257,49 @@ def pair_index(pair_labels, own, mode):
     return table, torch.tensor([len(p) for p in pools])
 
 
+class RunningMean:
+    """Mean of each logged loss since the last report (a progress bar that shows the step-0 value
+    for hundreds of steps says nothing)."""
+
+    def __init__(self):
+        self.sums, self.n = {}, 0
+
+    def add(self, **terms):
+        for k, v in terms.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+        self.n += 1
+
+    def report(self):
+        out, self.sums, self.n = {k: v / max(1, self.n) for k, v in self.sums.items()}, {}, 0
+        return out
+
+
+def schedule(opts, dc):
+    """Cosine decay of every optimiser's lr to 0 over --iters (--lr-decay cosine), else constant."""
+    if dc.lr_decay == "none":
+        return None
+    return [torch.optim.lr_scheduler.CosineAnnealingLR(o, dc.iters) for o in opts]
+
+
+def ema_update(ema, model, decay):
+    with torch.no_grad():
+        for p, q in zip(ema.parameters(), model.parameters()):
+            p.lerp_(q, 1 - decay)
+
+
 def distill_dmd(teacher, own, pairs, dc, log_every=500):
     """MSD DM stage for S stacked students at once (DMD Alg. 1): Eq. 6 + lambda_reg * Eq. 9, and Eq. 8."""
     cfg, S, B = teacher.cfg, len(own.groups), dc.batch
     G = stack_copies(teacher, S)
+    G_ema = copy.deepcopy(G).requires_grad_(False) if dc.ema else G
     mu_fake = stack_copies(teacher, S)
     opt_G = torch.optim.AdamW(G.parameters(), lr=dc.lr, weight_decay=0.01, betas=(0.9, 0.999))
-    opt_fake = torch.optim.AdamW(mu_fake.parameters(), lr=dc.lr, weight_decay=0.01, betas=(0.9, 0.999))
+    opt_fake = torch.optim.AdamW(mu_fake.parameters(), lr=dc.fake_lr or dc.lr, weight_decay=0.01, betas=(0.9, 0.999))
+    lr_sched = schedule([opt_G, opt_fake], dc)
     sigmas = dmd.karras_sigmas(cfg.num_levels, cfg.sigma_min, cfg.sigma_max)  # ascending, (1000,)
     z_pair, y_pair, x_pair = pairs
     table, count = pair_index(y_pair, own, dc.reg_pairs)
+    mean = RunningMean()
     for it in (bar := tqdm(range(dc.iters), desc=f"dmd x{S}", mininterval=1)):
         # generator update: DM gradient (Eq. 6) + regression on the paired set (Eq. 9)
         y = own.labels(B).reshape(-1)  # (S*B,)
@@ -273,16 +312,27 @@ def distill_dmd(teacher, own, pairs, dc, log_every=500):
         opt_G.zero_grad(set_to_none=True)
         loss_G.backward()
         opt_G.step()
-        # fake score update: denoising loss on detached samples, t ~ U over all levels (Eq. 8, DMD Alg. 1)
-        sigma_f = dmd.sample_sigma(S * B, sigmas, 0, cfg.num_levels)
-        loss_fake = S * dmd.denoise_loss(mu_fake, x.detach(), sigma_f, y, cfg.sigma_data)
-        opt_fake.zero_grad(set_to_none=True)
-        loss_fake.backward()
-        opt_fake.step()
-        if it % log_every == 0 or it == dc.iters - 1:
-            last = dict(dm=loss_dm.item(), reg=loss_reg.item(), fake=loss_fake.item() / S)
+        # fake score update: denoising loss on detached samples, t ~ U over all levels (Eq. 8, DMD Alg. 1);
+        # DMD2's two-time-scale rule repeats it on fresh samples of the updated G
+        for j in range(dc.fake_steps_per_gen):
+            if j > 0:
+                y = own.labels(B).reshape(-1)
+                with torch.no_grad():
+                    x = G.generate(torch.randn(S * B, 2), y)
+            sigma_f = dmd.sample_sigma(S * B, sigmas, 0, cfg.num_levels)
+            loss_fake = S * dmd.denoise_loss(mu_fake, x.detach(), sigma_f, y, cfg.sigma_data)
+            opt_fake.zero_grad(set_to_none=True)
+            loss_fake.backward()
+            opt_fake.step()
+        for sch in lr_sched or []:
+            sch.step()
+        if dc.ema:
+            ema_update(G_ema, G, dc.ema)
+        mean.add(dm=loss_dm.detach(), reg=loss_reg.detach(), fake=loss_fake.detach() / S)
+        if (it + 1) % log_every == 0 or it == dc.iters - 1:
+            last = mean.report()
             bar.set_postfix({k: f"{v:.2e}" for k, v in last.items()})
-    return G.eval().requires_grad_(False), last
+    return G_ema.eval().requires_grad_(False), last
 
 
 def distill_cd(teacher, own, dc, log_every=500):
@@ -295,7 +345,9 @@ def distill_cd(teacher, own, dc, log_every=500):
     f = stack_copies(teacher, S, boundary=True)
     f_ema = copy.deepcopy(f).requires_grad_(False)
     opt = torch.optim.AdamW(f.parameters(), lr=dc.lr, weight_decay=0.01, betas=(0.9, 0.999))
+    lr_sched = schedule([opt], dc)
     sigmas = dmd.karras_sigmas(dc.cd_steps, cfg.sigma_min, cfg.sigma_max)  # ascending, (N,)
+    mean = RunningMean()
     for it in (bar := tqdm(range(dc.iters), desc=f"cd x{S}", mininterval=1)):
         y = own.labels(B).reshape(-1)
         x0 = sample_data(y, cfg)
@@ -312,11 +364,12 @@ def distill_cd(teacher, own, dc, log_every=500):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        with torch.no_grad():
-            for p, q in zip(f_ema.parameters(), f.parameters()):
-                p.lerp_(q, 1 - dc.cd_ema)
-        if it % log_every == 0 or it == dc.iters - 1:
-            last = dict(cd=loss.item() / S)
+        for sch in lr_sched or []:
+            sch.step()
+        ema_update(f_ema, f, dc.cd_ema)
+        mean.add(cd=loss.detach() / S)
+        if (it + 1) % log_every == 0 or it == dc.iters - 1:
+            last = mean.report()
             bar.set_postfix(cd=f"{last['cd']:.2e}")
     return f_ema.eval(), last
 
@@ -341,28 +394,32 @@ def histogram(x, bins=200):
 
 
 def hist_l1(a, b):
-    """App. D.1 metric: mean |difference| of normalised histograms, reported x bins^2 (= sum |diff|)."""
+    """App. D.1 metric, as a sum: sum over bins of |difference| of normalised histograms, in [0, 2]
+    (0: equal, 2: disjoint). The paper's mean over the 200x200 bins is this / 40,000."""
     ha, hb = histogram(a), histogram(b)
     return float(np.abs(ha - hb).mean() * ha.size)
 
 
 def plot(path, teacher_x, panels, ks, l1, floor, method):
+    """One row: the teacher, one panel per K, and the l1-vs-K curve (the paper's Fig. 4/5 in one image)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(1, 2 + len(panels), figsize=(4 * (2 + len(panels)), 4))
+    n = 2 + len(panels)
+    fig, ax = plt.subplots(1, n, figsize=(3.2 * n, 3.6), layout="constrained")
     for a, (title, x) in zip(ax, [("teacher (Heun)", teacher_x)] + panels):
         a.imshow(np.log1p(histogram(x).T * 1e4), origin="lower", extent=[*HIST_RANGE, *HIST_RANGE], cmap="magma")
-        a.set_title(title)
+        a.set_title(title, fontsize=10)
         a.set_xticks([]), a.set_yticks([])
     ax[-1].plot(ks, l1, "o-", label=f"students ({method})")
     ax[-1].axhline(floor, color="gray", ls="--", label="teacher vs teacher")
     ax[-1].set_xscale("log", base=2)
     ax[-1].set_xticks(ks, [str(k) for k in ks])
+    ax[-1].set_ylim(0, max(l1 + [floor]) * 1.1)
     ax[-1].set_xlabel("number of students K")
-    ax[-1].set_ylabel("histogram l1 to teacher")
-    ax[-1].legend()
-    fig.tight_layout()
+    ax[-1].set_ylabel("histogram l1 to teacher (sum |diff|)")
+    ax[-1].set_title("l1 vs K (lower is better)", fontsize=10)
+    ax[-1].legend(fontsize=8)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
@@ -371,23 +428,38 @@ def plot(path, teacher_x, panels, ks, l1, floor, method):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--students", type=int, nargs="+", default=[8], help="K values; K=1 is always added")
-    p.add_argument("--out", default="toy_out", help="folder for the teacher checkpoint and the figure")
-    for dc_cls in (ToyConfig, DistillConfig):
+    p.add_argument("--students", type=int, nargs="+", default=[8], help="K values from 1, 2, 4, 8; K=1 is always added (default: 8)")
+    p.add_argument("--out", default="toy_out", help="folder for the teacher checkpoint and the figure (default: toy_out)")
+    for dc_cls in (ToyConfig, DistillConfig):  # every field's comment is its help line
+        doc = dict(re.findall(r"^\s+(\w+): [^#\n]*#\s*(.*)$", inspect.getsource(dc_cls), re.M))
         for f in fields(dc_cls):
-            p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+            p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+                           help=f"{doc.get(f.name, '')} (default: {f.default})".replace("%", "%%"))
     args = p.parse_args(argv)
     for k in args.students:
         try:
             partition(k)  # a clear error for --students 3 or 0 before any work
         except ValueError as e:
             p.error(str(e))
-    if args.iters < 1:
-        p.error(f"--iters must be at least 1, got {args.iters}")
-    if args.method not in ("dmd", "cd"):
-        p.error(f"--method must be 'dmd' or 'cd', got {args.method!r}")
-    if args.reg_pairs not in ("own", "all"):
-        p.error(f"--reg-pairs must be 'own' or 'all', got {args.reg_pairs!r}")
+    checks = [("iters", 1), ("teacher_iters", 1), ("batch", 1), ("teacher_batch", 1), ("num_pairs", 1),
+              ("eval_samples", 8), ("teacher_steps", 2), ("cd_steps", 2), ("fake_steps_per_gen", 1), ("width", 1), ("depth", 1)]
+    for name, low in checks:
+        if getattr(args, name) < low:
+            p.error(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
+    for name in ("lr", "teacher_lr", "mode_std", "sigma_min", "P_std"):
+        if not getattr(args, name) > 0:
+            p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    for name in ("fake_lr", "lambda_reg"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    for name in ("ema", "cd_ema"):
+        if not 0 <= getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")
+    if not 0 <= args.t_min < args.t_max <= args.num_levels:
+        p.error(f"--t-min {args.t_min} / --t-max {args.t_max}: expected 0 <= t_min < t_max <= {args.num_levels}")
+    for name, allowed in (("method", ("dmd", "cd")), ("reg_pairs", ("own", "all")), ("lr_decay", ("none", "cosine"))):
+        if getattr(args, name) not in allowed:
+            p.error(f"--{name.replace('_', '-')} must be one of {allowed}, got {getattr(args, name)!r}")
     cfg = ToyConfig(**{f.name: getattr(args, f.name) for f in fields(ToyConfig)})
     dc = DistillConfig(**{f.name: getattr(args, f.name) for f in fields(DistillConfig)})
     return args, cfg, dc
@@ -426,9 +498,10 @@ def main(argv=None):
         x_k = x_all[start:start + k, : n // k].reshape(-1, 2)
         start += k
         l1.append(hist_l1(x_k, ref_a))
-        if k in (1, ks[-1]):
-            panels.append((f"{k} student{'s' * (k > 1)} (one step)", x_k))
+        panels.append((f"{k} student{'s' * (k > 1)} (one step)", x_k))
     print(f"\nmethod={dc.method}  iters={dc.iters}  lr={dc.lr}  batch/student={dc.batch}")
+    print("l1 = sum over the 200x200 bins of |p_a - p_b| of normalised histograms, in [0, 2]; "
+          "the paper's App. D.1 mean over bins is l1 / 40000")
     print(f"noise floor (teacher vs teacher, {n} samples each): l1 = {floor:.3f}")
     for k, v in zip(ks, l1):
         print(f"K={k:<2d} students: l1 to teacher = {v:.3f}")

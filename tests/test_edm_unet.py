@@ -275,3 +275,12 @@ def test_channels_last_and_dynamo_trace_match_eager():
         torch._dynamo.reset()
         compiled = torch.compile(D, backend="eager", fullgraph=True)
         torch.testing.assert_close(compiled(x, sigma, y), ref, atol=1e-6, rtol=1e-5)
+
+
+def test_import_edm_recognises_our_own_checkpoint_and_a_missing_file(tmp_path):
+    cfg = E.UNetConfig(32, (1,), 1, (), 0.0, 10, 8, 1)
+    E.save_model(E.EDMPrecond(cfg), tmp_path / "teacher.pt")
+    with pytest.raises(ValueError, match="a PyTorch checkpoint .zip archive., not an EDM network-snapshot .pkl"):
+        E.import_edm(str(tmp_path / "teacher.pt"))
+    with pytest.raises(FileNotFoundError, match="EDM checkpoint 'nope.pkl' does not exist"):
+        E.import_edm("nope.pkl")

@@ -26,7 +26,10 @@ def test_frechet_distance_matches_hand_computed_2d_gaussians():
 def test_frechet_distance_is_zero_for_identical_stats_even_when_singular():
     feats = np.random.default_rng(0).normal(size=(10, 32))  # 10 samples in 32-d: singular covariance
     mu, sigma = evaluate.stats(feats)
-    assert abs(evaluate.frechet_distance(mu, sigma, mu, sigma)) < 1e-4
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the singular case is handled, not warned about
+        assert abs(evaluate.frechet_distance(mu, sigma, mu, sigma)) < 1e-4
     with pytest.raises(ValueError, match="do not match"):
         evaluate.frechet_distance(mu, sigma, mu[:3], sigma[:3, :3])
 
@@ -120,3 +123,17 @@ def test_fid_cli_offline_with_a_local_inception(tmp_path, capsys):
     fid_other = evaluate.main(["fid", "--images", str(tmp_path / "c"), "--ref", str(tmp_path / "ref.npz"),
                                "--classes", "0-1", "--inception-weights", weights, "--device", "cpu"])
     assert fid_other > 1e-3
+
+
+def test_missing_inputs_are_refused_before_the_inception_weights_load(tmp_path, monkeypatch):
+    def no_download(*a, **k):
+        raise AssertionError("the Inception network was loaded before the inputs were checked")
+    monkeypatch.setattr(evaluate, "load_inception", no_download)
+    with pytest.raises(FileNotFoundError, match="dataset 'missing.zip' does not exist"):
+        evaluate.main(["ref", "--data", "missing.zip", "--out", str(tmp_path / "r.npz")])
+    with pytest.raises(FileNotFoundError, match="reference statistics 'nope.npz' do not exist"):
+        evaluate.main(["fid", "--images", "missing.zip", "--ref", "nope.npz"])
+    imgs = tmp_path / "imgs"
+    sample.write_images(str(imgs), torch.zeros(2, 1, 8, 8, dtype=torch.uint8), [0, 1], [0, 1])
+    with pytest.raises(FileNotFoundError, match="--inception-weights 'w.pt' does not exist"):
+        evaluate.main(["ref", "--data", str(imgs), "--out", str(tmp_path / "r.npz"), "--inception-weights", "w.pt"])

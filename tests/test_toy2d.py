@@ -70,3 +70,33 @@ def test_tiny_end_to_end_run(tmp_path, method):
     assert out["losses"] and all(math.isfinite(v) for v in out["losses"].values())
     assert (tmp_path / f"toy2d_{method}.png").stat().st_size > 10_000
     assert (tmp_path / "teacher.pt").exists()
+
+
+@pytest.mark.parametrize("bad,expect", [(["--lr", "-1"], "--lr must be > 0"), (["--lr", "0"], "--lr must be > 0"),
+                                        (["--batch", "0"], "--batch must be at least 1"),
+                                        (["--eval-samples", "0"], "--eval-samples must be at least 8"),
+                                        (["--teacher-steps", "1"], "--teacher-steps must be at least 2"),
+                                        (["--ema", "1"], "--ema must be in [0, 1)"),
+                                        (["--t-max", "2000"], "--t-max 2000"), (["--lr-decay", "step"], "--lr-decay must be one of")])
+def test_bad_numbers_are_refused_at_parse_time(bad, expect, capsys):
+    with pytest.raises(SystemExit) as e:
+        toy2d.parse_args(bad)
+    assert e.value.code == 2 and expect in capsys.readouterr().err
+
+
+def test_every_toy_flag_has_help_and_the_running_mean_is_a_mean(monkeypatch):
+    import argparse
+    helps, real = {}, argparse.ArgumentParser.add_argument
+
+    def spy(self, *a, **k):
+        helps[a[0]] = k.get("help", "")
+        return real(self, *a, **k)
+    monkeypatch.setattr(argparse.ArgumentParser, "add_argument", spy)
+    toy2d.parse_args([])
+    for f in list(toy2d.fields(toy2d.ToyConfig)) + list(toy2d.fields(toy2d.DistillConfig)):
+        text = helps["--" + f.name.replace("_", "-")]
+        assert len(text.split("(default:")[0]) > 10 and "(default:" in text, f.name
+    m = toy2d.RunningMean()
+    for v in (0.0, 2.0, 4.0):
+        m.add(dm=torch.tensor(v))
+    assert m.report() == {"dm": 2.0} and m.report() == {}
