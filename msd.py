@@ -525,8 +525,7 @@ def log_and_checkpoint(r, step, b_gen, terms, ok):
     if not r.master:
         return
     if cfg.grad_probe_every and step % cfg.grad_probe_every == 0 and cfg.stage != "tsm":
-        b = next(micro_batches(types.SimpleNamespace(rank=0, per_rank=0, accum=1, micro=r.micro), b_gen))[1]
-        probe = grad_probe(r, b)
+        probe = grad_probe(r, {k: v[:r.micro] for k, v in b_gen.items()})  # G's batch (it has the pairs)
         print("grad probe (weighted |grad| on G): " + " ".join(f"{k} {v:.4g}" for k, v in probe.items()), flush=True)
         with open(os.path.join(out, "log.jsonl"), "a") as f:
             f.write(json.dumps({"step": step, "grad_probe": probe}) + "\n")

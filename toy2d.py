@@ -302,12 +302,16 @@ def distill_dmd(teacher, own, pairs, dc, log_every=500):
     mean = RunningMean()
     for it in (bar := tqdm(range(dc.iters), desc=f"dmd x{S}", mininterval=1)):
         # generator update: DM gradient (Eq. 6) + regression on the paired set (Eq. 9)
-        y = own.labels(B).reshape(-1)  # (S*B,)
-        x = G.generate(torch.randn(S * B, 2), y)  # (S*B, 2)
+        y = own.labels(B)  # (S, B)
+        z = torch.randn(S, B, 2)
         sigma = dmd.sample_sigma(S * B, sigmas, dc.t_min, dc.t_max)
+        idx = table.gather(1, (torch.rand(S, B) * count[:, None]).long())  # (S, B) pair indices
+        # one forward of each student for its DM batch and its pair batch: rows [z; z_pair] per student
+        out = G.generate(torch.cat([z, z_pair[idx]], 1).reshape(-1, 2), torch.cat([y, y_pair[idx]], 1).reshape(-1))
+        x, x_reg = out.view(S, 2 * B, 2).split(B, 1)  # (S, B, 2) each
+        x, y = x.reshape(-1, 2), y.reshape(-1)  # (S*B, 2), (S*B,)
         loss_dm = dmd.dm_step_loss(x, sigma, y, teacher, mu_fake)
-        idx = table.gather(1, (torch.rand(S, B) * count[:, None]).long()).reshape(-1)
-        loss_reg = dmd.regression_loss(G.generate(z_pair[idx], y_pair[idx]), x_pair[idx])
+        loss_reg = dmd.regression_loss(x_reg.reshape(-1, 2), x_pair[idx].reshape(-1, 2))
         loss_G = S * (loss_dm + dc.lambda_reg * loss_reg)  # sum over students of per-student means
         opt_G.zero_grad(set_to_none=True)
         loss_G.backward()

@@ -111,6 +111,7 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny settings (seconds): checks that the pipeline runs; its numbers mean nothing")
     p.add_argument("--out", default=os.path.join(ROOT, "out", "digits"))
     p.add_argument("--fresh", action="store_true", help="delete --out first (otherwise finished parts are reused)")
+    p.add_argument("--teacher-only", action="store_true", help="stop once the teacher and the paired set exist (bench/capacity.py)")
     args = p.parse_args(argv)
     hp = QUICK if args.quick else FULL
     if args.fresh and os.path.exists(args.out):
@@ -134,6 +135,8 @@ def main(argv=None):
     heun = ["--steps", str(hp["heun_steps"]), "--device", "cpu", "--batch", "500"]
     if not os.path.exists(j("pairs.npz")):
         run(sample, ["pairs", "--teacher", teacher, "--num", str(hp["pairs"]), "--out", j("pairs.npz"), *heun])
+    if args.teacher_only:
+        return None
     n = hp["samples"]
     sample_seeds = f"100000-{100000 + n - 1}"  # disjoint from the pairs' seeds 0..pairs-1
     if not os.path.exists(j("teacher_samples", "dataset.json")):

@@ -1,0 +1,315 @@
+"""When do more students help? Student size against K on real digits, on a CPU (MSD Sec. 3.3, Tables 1 and 5).
+
+    python bench/capacity.py            # the study: table, curves and docs/capacity.png (about an hour on 2 cores)
+    python bench/capacity.py --quick    # the same pipeline in seconds (used by a test); its numbers mean nothing
+
+The protocol is fixed here, before any run, and the README reads the results against it:
+  * teacher: bench/digits.py's (0.83M parameters: the tiny preset at 8x8 with 32 channels), EDM's loss;
+  * student sizes: model_channels 8, 16, 32 with the teacher's layout. Size 32 is the teacher's and starts
+    from it (DMD Alg. 1); smaller students first match the teacher on their own classes (TSM, Eq. 3,
+    MSD Sec. 3.3 / App. D.2.2; one TSM run per (size, partition), seed 0, shared by the DM seeds), then DM;
+  * K = 1, 2, 5 consecutive class blocks, equal per-student iterations and batch (as the paper compares);
+  * data filtering: F_DM (every student regresses onto the whole paired set, Sec. 3.2) for every size, and
+    `--reg-pairs own` for the smallest size (a K = 1 student owns every pair, so both filters share it);
+  * budget: per size, one K = 1 run (seed 0) is evaluated every `every` steps up to `curve_iters`; the
+    budget is the first checkpoint whose FD to data is within 5% of the best FD at it or any later one, and
+    every K of that size trains for it;
+  * hyperparameters: bench/digits.py's (lr 2e-4, batch 32, EMA half-life 1 kimg, MSE regression weight 1),
+    the same for every K and size: nothing is tuned per K;
+  * metrics: FD to the 297 held-out digits (primary; the teacher's own FD to them is the target), FD to
+    teacher samples and the classifier's label accuracy, all on `samples` routed samples; per-partition FD
+    (the 5 blocks of 2 classes, to teacher samples of those classes); floors at the same sample count;
+  * seeds 0, 1, 2 for the DM stage; mean +- std; "K beats 1" for a size only where the mean FD gap exceeds
+    twice the pooled std of the two cells.
+"""
+import argparse
+import concurrent.futures as cf
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import digits  # noqa: E402  (data, classifier, metric and teacher of the digits benchmark)
+import edm_unet  # noqa: E402
+import evaluate  # noqa: E402
+import msd  # noqa: E402
+import sample  # noqa: E402
+
+FULL = dict(sizes=(8, 16, 32), ks=(1, 2, 5), seeds=(0, 1, 2), own_sizes=(8,), samples=5000, tsm_iters=600,
+            tsm_batch=128, tsm_lr=2e-3, curve_iters=1000, every=250, batch=32, lr=2e-4, ema=1.0, lambda_reg=1.0,
+            workers=2)
+QUICK = dict(sizes=(8, 32), ks=(1, 2, 5), seeds=(0,), own_sizes=(8,), samples=100, tsm_iters=2, tsm_batch=8,
+             tsm_lr=2e-3, curve_iters=4, every=2, batch=8, lr=2e-4, ema=1.0, lambda_reg=1.0, workers=1)
+TEACHER_SIZE = 32
+COMMON = ["--precision", "fp32", "--device", "cpu", "--sample-every", "1000000", "--grad-probe-every", "0",
+          "--log-every", "1000000"]
+
+
+def arch(channels):
+    return f"model_channels={channels},img_resolution=8,attn_resolutions=(4,)"
+
+
+def params(channels):
+    return edm_unet.count_params(edm_unet.build("tiny", **edm_unet.parse_overrides(arch(channels))).cfg)
+
+
+# ----------------------------------------------------------------------------- training jobs (one process each)
+
+def job(argv, copy_to=None, threads=1):
+    """One msd.py run in a worker process; returns its wall time. copy_to: keep a copy of student.pt."""
+    torch.set_num_threads(threads)
+    t0 = time.time()
+    out = argv[argv.index("--out") + 1]
+    if not os.path.exists(copy_to or os.path.join(out, "student.pt")):
+        digits.run(msd, argv)
+        if copy_to:
+            shutil.copy(os.path.join(out, "student.pt"), copy_to)
+    return time.time() - t0
+
+
+def curve_job(argv, every, total):
+    """A K = 1 run to `total` steps in resumed segments of `every`, keeping student.pt at each."""
+    torch.set_num_threads(1)
+    out, times = argv[argv.index("--out") + 1], []
+    for s in range(every, total + 1, every):
+        t0 = time.time()
+        job([*argv, "--iters", str(s), "--resume", "--ckpt-every", str(every)], os.path.join(out, f"student_{s:06d}.pt"))
+        times.append(time.time() - t0)
+    return sum(times)
+
+
+def pool(jobs, workers):
+    """Run (fn, args) jobs on `workers` processes (in-process for 1). -> list of results in order."""
+    if workers == 1:
+        return [fn(*a) for fn, a in jobs]
+    with cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as ex:
+        return [f.result() for f in [ex.submit(fn, *a) for fn, a in jobs]]
+
+
+# ----------------------------------------------------------------------------- the study
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny settings (seconds): checks the pipeline; its numbers mean nothing")
+    p.add_argument("--out", default=os.path.join(ROOT, "out", "capacity"), help="working folder (finished runs are reused)")
+    p.add_argument("--digits", default=os.path.join(ROOT, "out", "digits"),
+                   help="bench/digits.py's folder: its teacher and paired set are reused, or made there")
+    args = p.parse_args(argv)
+    hp = QUICK if args.quick else FULL
+    t_start = time.time()
+    j = lambda *a: os.path.join(args.out, *a)
+    os.makedirs(args.out, exist_ok=True)
+
+    # teacher, paired set, data, classifier: bench/digits.py's (run it if they are missing)
+    teacher, pairs = os.path.join(args.digits, "teacher", "student.pt"), os.path.join(args.digits, "pairs.npz")
+    if not (os.path.exists(teacher) and os.path.exists(pairs)):
+        digits.main((["--quick"] if args.quick else []) + ["--out", args.digits, "--teacher-only"])
+    hd = digits.QUICK if args.quick else digits.FULL
+    train, test = digits.make_data(os.path.join(args.digits, "train"))
+    clf, clf_acc = digits.train_classifier(train, test, hd["clf_epochs"])
+    n = hp["samples"]
+    seeds_eval, seeds_floor = f"100000-{100000 + n - 1}", f"200000-{200000 + n - 1}"
+    heun = ["--steps", str(hd["heun_steps"]), "--device", "cpu", "--batch", "500"]
+    for name, seeds in (("teacher_samples", seeds_eval), ("teacher_floor", seeds_floor)):
+        if not os.path.exists(j(name, "dataset.json")):
+            digits.run(sample, ["teacher", "--teacher", teacher, "--seeds", seeds, "--out", j(name), *heun])
+    tx, ty = digits.read(j("teacher_samples"))
+    feats = lambda x, y: evaluate.features([(x, y)], clf, rgb=False)[0]
+    refs = [evaluate.stats(feats(*test)), evaluate.stats(feats(tx, ty))]
+    blocks = msd.make_partition(10, 5)  # per-partition FD: 5 blocks of 2 classes, to teacher samples of the block
+    block_refs = [evaluate.stats(feats(tx[np.isin(ty, b)], ty[np.isin(ty, b)])) for b in blocks]
+
+    def measure(x, y):
+        f, logits = evaluate.features([(x, y)], clf, rgb=False)
+        fd = [evaluate.frechet_distance(*evaluate.stats(f), *r) for r in refs]
+        per = [evaluate.frechet_distance(*evaluate.stats(f[np.isin(y, b)]), *r) for b, r in zip(blocks, block_refs)]
+        return dict(fd_data=fd[0], fd_teacher=fd[1], acc=float((logits.argmax(1) == y.numpy()).mean()), fd_blocks=per)
+
+    teacher_m = measure(tx, ty)
+    floor = measure(*digits.read(j("teacher_floor")))
+    floor_data = evaluate.frechet_distance(*evaluate.stats(feats(train[0][:len(test[0])], train[1][:len(test[0])])), *refs[0])
+    print(f"teacher: FD to data {teacher_m['fd_data']:.2f}; floors at {n} samples: teacher vs teacher "
+          f"{floor['fd_teacher']:.2f} (per block {np.mean(floor['fd_blocks']):.2f}), real vs held-out {floor_data:.2f}", flush=True)
+
+    def dm_args(size, K, k, seed, reg, out, init):
+        a = ["--teacher", teacher, "--pairs", pairs, "--partition", str(k), "--num-students", str(K), "--batch", str(hp["batch"]),
+             "--lr", str(hp["lr"]), "--reg-loss", "mse", "--lambda-reg", str(hp["lambda_reg"]), "--reg-pairs", reg,
+             "--ema-halflife-kimg", str(hp["ema"]), "--seed", str(seed), "--out", out, *COMMON]
+        return a + (["--init", init] if init else [])
+
+    # Stage 0 for the smaller sizes: TSM on each partition (seed 0), in parallel
+    tsm_jobs, tsm_keys, init = [], [], {}
+    for size in hp["sizes"]:
+        for K in hp["ks"]:
+            for k in range(K):
+                if size == TEACHER_SIZE:
+                    init[size, K, k] = None
+                    continue
+                out = j(f"c{size}", "tsm", f"K{K}p{k}")
+                init[size, K, k] = os.path.join(out, "student.pt")
+                tsm_keys.append(f"{size} ch, K={K}")
+                tsm_jobs.append((job, (["--stage", "tsm", "--teacher", teacher, "--preset", "tiny", "--arch", arch(size),
+                                        "--data", os.path.join(args.digits, "train"), "--num-students", str(K),
+                                        "--partition", str(k), "--iters", str(hp["tsm_iters"]), "--batch", str(hp["tsm_batch"]),
+                                        "--lr", str(hp["tsm_lr"]), "--out", out, *COMMON],)))
+    tsm_cost = {}
+    for key, t in zip(tsm_keys, pool(tsm_jobs, hp["workers"])):
+        tsm_cost[key] = round(tsm_cost.get(key, 0) + t)
+
+    # the budget: K = 1, seed 0, FD to data every `every` steps
+    curve_dirs = {size: j(f"c{size}", "curve") for size in hp["sizes"]}
+    pool([(curve_job, (dm_args(size, 1, 0, 0, "all", curve_dirs[size], init[size, 1, 0]), hp["every"], hp["curve_iters"]))
+          for size in hp["sizes"]], hp["workers"])
+    steps, curves, budget = list(range(hp["every"], hp["curve_iters"] + 1, hp["every"])), {}, {}
+    for size in hp["sizes"]:
+        curves[size] = []
+        for s in steps:
+            x, y = route([os.path.join(curve_dirs[size], f"student_{s:06d}.pt")], seeds_eval, j("tmp_samples"))
+            curves[size].append(measure(x, y)["fd_data"])
+        budget[size] = pick_budget(steps, curves[size])
+        print(f"size {size}: FD to data along K=1 training {dict(zip(steps, np.round(curves[size], 2).tolist()))} "
+              f"-> budget {budget[size]} steps", flush=True)
+
+    # the grid: every (size, filter, seed, K) with the size's budget
+    cells = [(size, reg, seed, K) for size in hp["sizes"] for reg in (("all", "own") if size in hp["own_sizes"] else ("all",))
+             for seed in hp["seeds"] for K in hp["ks"]]
+    grid_jobs, where = [], {}
+    for size, reg, seed, K in cells:
+        for k in range(K):
+            if K == 1 and seed == 0:  # the curve's run, stopped at the budget
+                where[size, reg, seed, K, k] = os.path.join(curve_dirs[size], f"student_{budget[size]:06d}.pt")
+                continue
+            if K == 1 and reg == "own":  # a single student owns every pair: the F_DM run
+                where[size, reg, seed, K, k] = where[size, "all", seed, K, k]
+                continue
+            out = j(f"c{size}", reg, f"seed{seed}", f"K{K}", f"p{k}")
+            where[size, reg, seed, K, k] = os.path.join(out, "student.pt")
+            grid_jobs.append(((size, reg, seed, K), (job, (dm_args(size, K, k, seed, reg, out, init[size, K, k]) + ["--iters", str(budget[size])],))))
+    times = pool([jb for _, jb in grid_jobs], hp["workers"])
+    wall = {}
+    for (cell, _), t in zip(grid_jobs, times):
+        wall[cell] = wall.get(cell, 0) + t
+
+    rows = []
+    for size, reg, seed, K in cells:
+        x, y = route([where[size, reg, seed, K, k] for k in range(K)], seeds_eval, j("tmp_samples"))
+        m = measure(x, y)
+        rows.append(dict(size=size, params=params(size), reg=reg, seed=seed, K=K, steps=budget[size],
+                         images=K * budget[size] * hp["batch"], wall=wall.get((size, reg, seed, K)), **m))
+        print(f"size {size} {reg} seed {seed} K {K}: FD data {m['fd_data']:.2f} teacher {m['fd_teacher']:.2f} "
+              f"acc {m['acc']:.3f}", flush=True)
+    result = dict(hp=hp, rows=rows, curves={str(k): v for k, v in curves.items()}, steps=steps, budget=budget,
+                  teacher=teacher_m, floor=floor, floor_data=floor_data, tsm_cost=tsm_cost,
+                  clf_acc=clf_acc, total_s=time.time() - t_start)
+    table = report(result)
+    print(table)
+    if args.quick:
+        print("--quick: a smoke test of the pipeline; the numbers above mean nothing at this size.")
+    else:
+        with open(os.path.join(ROOT, "bench", "capacity_results.md"), "w") as f:
+            f.write(table)
+        with open(j("results.json"), "w") as f:
+            json.dump(result, f, indent=1, default=float)
+        figure(result, os.path.join(ROOT, "docs", "capacity.png"), args.out)
+    return result
+
+
+def route(ckpts, seeds, out):
+    """Routed one-step samples of these students for `seeds` (sample.py students). -> (uint8 images, labels)."""
+    if os.path.exists(out):
+        shutil.rmtree(out)
+    sample.main(["students", "--ckpt", *ckpts, "--seeds", seeds, "--out", out, "--device", "cpu", "--batch", "1000"])
+    return digits.read(out)
+
+
+def pick_budget(steps, fd, tol=0.05):
+    """The first step whose FD is within `tol` of the best FD at it or any later step (the curve has flattened)."""
+    return next(s for i, s in enumerate(steps) if fd[i] <= (1 + tol) * min(fd[i:]))
+
+
+def decide(a, b):
+    """The rule fixed beforehand: b beats a where mean(a) - mean(b) > 2 * pooled std."""
+    pooled = np.sqrt((np.var(a, ddof=1) + np.var(b, ddof=1)) / 2) if min(len(a), len(b)) > 1 else float("nan")
+    return np.mean(a) - np.mean(b), pooled, bool(np.mean(a) - np.mean(b) > 2 * pooled)
+
+
+def report(r):
+    hp, rows = r["hp"], r["rows"]
+    lines = ["| size (params) | pairs | K | FD to data | FD to teacher | label acc. | per-partition FD | steps/student | "
+             "images seen (all students) | CPU s (DM, all students) | K beats 1? (gap / 2 x pooled std) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    ms = lambda v, f: f"{np.mean(v):{f}} ± {np.std(v, ddof=1) if len(v) > 1 else 0:{f}}"
+    for size in hp["sizes"]:
+        for reg in sorted({x["reg"] for x in rows if x["size"] == size}):
+            base = [x["fd_data"] for x in rows if x["size"] == size and x["reg"] == reg and x["K"] == 1]
+            for K in hp["ks"]:
+                c = [x for x in rows if x["size"] == size and x["reg"] == reg and x["K"] == K]
+                fd = [x["fd_data"] for x in c]
+                verdict = "" if K == 1 else "{2} ({0:.2f} / {1:.2f})".format(*decide(base, fd)[:2], "yes" if decide(base, fd)[2] else "no")
+                walls = [x["wall"] for x in c if x["wall"] is not None]
+                lines.append(f"| {size} ch ({c[0]['params'] / 1e3:.0f}k) | {reg} | {K} | {ms(fd, '.2f')} | "
+                             f"{ms([x['fd_teacher'] for x in c], '.2f')} | {ms([x['acc'] for x in c], '.3f')} | "
+                             f"{ms([np.mean(x['fd_blocks']) for x in c], '.2f')} | {c[0]['steps']} | {c[0]['images']:,d} | "
+                             f"{np.mean(walls) if walls else float('nan'):.0f} | {verdict} |")
+    fl = r["floor"]
+    lines += ["", f"mean ± std (ddof 1) over seeds {list(hp['seeds'])}; {hp['samples']} routed samples per run. Teacher: FD to "
+              f"data {r['teacher']['fd_data']:.2f}, label accuracy {r['teacher']['acc']:.3f}. Floors at {hp['samples']} "
+              f"samples: teacher vs teacher {fl['fd_teacher']:.2f} (per partition {np.mean(fl['fd_blocks']):.2f}); 297 real "
+              f"training digits vs held-out {r['floor_data']:.2f}. Budgets (steps/student, from the K = 1 curves): "
+              f"{r['budget']}. Per-partition FD: mean over the 5 blocks of 2 classes, to teacher samples of the block. "
+              f"CPU s: wall time of the DM runs of one cell summed over its students (seed 0's K = 1 run is the curve "
+              f"run, not timed here); TSM s per (size, K), summed over partitions: {r['tsm_cost']}. "
+              f"Classifier test accuracy {r['clf_acc']:.3f}. Total {r['total_s']:.0f} s.", ""]
+    return "\n".join(lines)
+
+
+def figure(r, path, out):
+    """Left: FD to data against student parameters, one line per K (error bars: std over seeds), floor
+    and teacher dashed; middle: the K = 1 curves that set the budgets; right: samples per (size, K)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    hp, rows = r["hp"], r["rows"]
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4.2), layout="constrained")
+    for reg, style in (("all", "-"), ("own", ":")):
+        for K in hp["ks"]:
+            sizes = [s for s in hp["sizes"] if any(x["reg"] == reg and x["size"] == s for x in rows)]
+            if not sizes:
+                continue
+            c = [[x["fd_data"] for x in rows if x["size"] == s and x["reg"] == reg and x["K"] == K] for s in sizes]
+            ax[0].errorbar([params(s) for s in sizes], [np.mean(v) for v in c], yerr=[np.std(v) for v in c], ls=style,
+                           marker="o", capsize=3, label=f"K = {K}" + (" (own pairs)" if reg == "own" else ""))
+    ax[0].axhline(r["teacher"]["fd_data"], ls="--", color="k", lw=1, label="teacher")
+    ax[0].axhline(r["floor_data"], ls="--", color="gray", lw=1, label="real vs held-out")
+    ax[0].set_xscale("log"), ax[0].set_xlabel("parameters per student"), ax[0].set_ylabel("FD to held-out digits")
+    ax[0].legend(fontsize=7)
+    for s in hp["sizes"]:
+        ax[1].plot(r["steps"], r["curves"][str(s)] if str(s) in r["curves"] else r["curves"][s], "o-", label=f"{s} ch")
+        ax[1].axvline(r["budget"][s], ls=":", lw=1)
+    ax[1].set_xlabel("DM steps (K = 1, seed 0)"), ax[1].set_ylabel("FD to held-out digits"), ax[1].legend(fontsize=7)
+    grid = []
+    for s in hp["sizes"]:
+        row = []
+        for K in hp["ks"]:
+            ckpts = ([os.path.join(out, f"c{s}", "curve", f"student_{r['budget'][s]:06d}.pt")] if K == 1 else
+                     [os.path.join(out, f"c{s}", "all", "seed0", f"K{K}", f"p{k}", "student.pt") for k in range(K)])
+            x, y = route(ckpts, "300000-300499", os.path.join(out, "tmp_grid"))
+            row.append(torch.cat([torch.cat(list(x[y == c][:3, 0]), 1) for c in range(10)], 1))  # (8, 3 * 8 * 10)
+        grid.append(torch.cat(row, 0))
+    ax[2].imshow(torch.cat(grid, 0).numpy(), cmap="gray_r", aspect="auto")
+    ax[2].set_yticks([(i + 0.5) * 8 for i in range(len(hp["sizes"]) * len(hp["ks"]))],
+                     [f"{s} ch K={K}" for s in hp["sizes"] for K in hp["ks"]], fontsize=7)
+    ax[2].set_xticks([]), ax[2].set_title("samples (seed 0), 3 per class")
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""bench/capacity.py: the budget and decision rules, and the whole pipeline at --quick size."""
+import importlib.util
+import os
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load():
+    spec = importlib.util.spec_from_file_location("capacity", os.path.join(ROOT, "bench", "capacity.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_budget_and_decision_rules():
+    cap = load()
+    assert cap.pick_budget([250, 500, 750, 1000], [90, 70, 66, 65]) == 750  # 66 <= 1.05 * 65, 70 is not
+    assert cap.pick_budget([250, 500, 750, 1000], [90, 60, 66, 65]) == 500  # later points no better
+    assert cap.pick_budget([250, 500], [50, 80]) == 250
+    gap, pooled, wins = cap.decide([10.0, 11.0, 12.0], [5.0, 6.0, 7.0])
+    assert gap == 5.0 and pooled == 1.0 and wins
+    assert not cap.decide([10.0, 11.0, 12.0], [9.0, 10.0, 11.0])[2]  # a gap of 1 < 2 pooled std
+
+
+def test_capacity_quick_pipeline(tmp_path, capsys):
+    r = load().main(["--quick", "--out", str(tmp_path / "cap"), "--digits", str(tmp_path / "digits")])
+    # sizes 8 and 32 x K 1, 2, 5, plus the own-pairs filter for size 8
+    assert len(r["rows"]) == 9 and {x["reg"] for x in r["rows"] if x["size"] == 8} == {"all", "own"}
+    assert all(np.isfinite([x["fd_data"], x["fd_teacher"], x["acc"], *x["fd_blocks"]]).all() for x in r["rows"])
+    assert set(r["budget"]) == {8, 32} and all(b in r["steps"] for b in r["budget"].values())
+    assert os.path.exists(tmp_path / "cap" / "c8" / "tsm" / "K5p4" / "student.pt")  # Stage 0 for the small size
+    assert not os.path.exists(tmp_path / "cap" / "c32" / "tsm")  # the teacher-size students start from the teacher
+    assert "mean nothing" in capsys.readouterr().out
