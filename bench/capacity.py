@@ -44,7 +44,7 @@ import msd  # noqa: E402
 import sample  # noqa: E402
 
 FULL = dict(sizes=(8, 16, 32), ks=(1, 2, 5), seeds=(0, 1, 2), own_sizes=(8,), samples=5000, tsm_iters=600,
-            tsm_batch=128, tsm_lr=2e-3, curve_iters=1000, every=250, batch=32, lr=2e-4, ema=1.0, lambda_reg=1.0,
+            tsm_batch=128, tsm_lr=2e-3, curve_iters=600, every=150, batch=32, lr=2e-4, ema=1.0, lambda_reg=1.0,
             workers=2)
 QUICK = dict(sizes=(8, 32), ks=(1, 2, 5), seeds=(0,), own_sizes=(8,), samples=100, tsm_iters=2, tsm_batch=8,
              tsm_lr=2e-3, curve_iters=4, every=2, batch=8, lr=2e-4, ema=1.0, lambda_reg=1.0, workers=1)
@@ -64,15 +64,16 @@ def params(channels):
 # ----------------------------------------------------------------------------- training jobs (one process each)
 
 def job(argv, copy_to=None, threads=1):
-    """One msd.py run in a worker process; returns its wall time. copy_to: keep a copy of student.pt."""
+    """One msd.py run in a worker process; returns its CPU seconds (one thread: its wall time on an idle
+    core; unlike wall time, not inflated by other jobs). copy_to: keep a copy of student.pt."""
     torch.set_num_threads(threads)
-    t0 = time.time()
+    t0 = time.process_time()
     out = argv[argv.index("--out") + 1]
     if not os.path.exists(copy_to or os.path.join(out, "student.pt")):
         digits.run(msd, argv)
         if copy_to:
             shutil.copy(os.path.join(out, "student.pt"), copy_to)
-    return time.time() - t0
+    return time.process_time() - t0
 
 
 def curve_job(argv, every, total):
@@ -80,9 +81,7 @@ def curve_job(argv, every, total):
     torch.set_num_threads(1)
     out, times = argv[argv.index("--out") + 1], []
     for s in range(every, total + 1, every):
-        t0 = time.time()
-        job([*argv, "--iters", str(s), "--resume", "--ckpt-every", str(every)], os.path.join(out, f"student_{s:06d}.pt"))
-        times.append(time.time() - t0)
+        times.append(job([*argv, "--iters", str(s), "--resume", "--ckpt-every", str(every)], os.path.join(out, f"student_{s:06d}.pt")))
     return sum(times)
 
 
@@ -265,7 +264,7 @@ def report(r):
               f"samples: teacher vs teacher {fl['fd_teacher']:.2f} (per partition {np.mean(fl['fd_blocks']):.2f}); 297 real "
               f"training digits vs held-out {r['floor_data']:.2f}. Budgets (steps/student, from the K = 1 curves): "
               f"{r['budget']}. Per-partition FD: mean over the 5 blocks of 2 classes, to teacher samples of the block. "
-              f"CPU s: wall time of the DM runs of one cell summed over its students (seed 0's K = 1 run is the curve "
+              f"CPU s: CPU seconds (one thread each) of the DM runs of one cell summed over its students (seed 0's K = 1 run is the curve "
               f"run, not timed here); TSM s per (size, K), summed over partitions: {r['tsm_cost']}. "
               f"Classifier test accuracy {r['clf_acc']:.3f}. Total {r['total_s']:.0f} s.", ""]
     return "\n".join(lines)
