@@ -1,7 +1,9 @@
 """Teacher score matching (MSD Sec. 3.3, Eq. 3): pretrain a smaller student denoiser.
 
     python msd.py --stage tsm --teacher teacher.pt --preset S --data imagenet-64x64.zip --partition 0 --num-students 4
-    python msd.py --stage tsm --target data --preset tiny --data my_dataset.zip --out out/teacher  # plain EDM training
+    python msd.py --stage tsm --target data --preset tiny --arch "model_channels=32,img_resolution=8,attn_resolutions=(4,)" \
+        --data out/digits/train --num-students 1 --iters 2500 --batch 128 --lr 2e-3 --precision fp32 \
+        --out out/teacher       # plain EDM training on the digits that `python bench/digits.py` writes
 
 L_TSM = E_t[lambda_t ||mu_student(x_t, t) - mu_teacher(x_t, t)||^2] with EDM's log-normal sigma
 (P_mean, P_std) = (-1.2, 1.2) and lambda_t = (sigma^2 + 0.5^2)/(sigma * 0.5)^2 (App. D.2.2). The
