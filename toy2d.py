@@ -78,7 +78,7 @@ class DistillConfig:
     fake_lr: float = 0.0          # mu_fake's learning rate; 0 = --lr (the paper uses one lr)
     fake_steps_per_gen: int = 1   # mu_fake updates per G update (1: DMD Alg. 1; DMD2's TTUR: 5)
     ema: float = 0.0              # per-step EMA decay of the students' weights; 0 = off (the paper)
-    lr_decay: str = "cosine"      # cosine | none: the students' lr schedule over --iters (paper: constant)
+    lr_decay: str = "auto"        # cosine | none: lr schedule over --iters; auto = cosine for dmd, none for cd (see README)
     cd_steps: int = 40            # CD discretisation N (Song et al. 2023 use N = 40 on ImageNet-64)
     cd_ema: float = 0.95          # CD target-network EMA mu (Song et al. 2023, ImageNet-64 CD)
     eval_samples: int = 100_000   # samples per histogram (App. D.1: 100k)
@@ -275,8 +275,9 @@ class RunningMean:
 
 
 def schedule(opts, dc):
-    """Cosine decay of every optimiser's lr to 0 over --iters (--lr-decay cosine), else constant."""
-    if dc.lr_decay == "none":
+    """Cosine decay of every optimiser's lr to 0 over --iters (--lr-decay cosine), else constant.
+    auto: cosine for DM (it lowered l1 for every K), constant for CD (cosine broke its K trend)."""
+    if dc.lr_decay == "none" or (dc.lr_decay == "auto" and dc.method == "cd"):
         return None
     return [torch.optim.lr_scheduler.CosineAnnealingLR(o, dc.iters) for o in opts]
 
@@ -462,7 +463,7 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")
     if not 0 <= args.t_min < args.t_max <= args.num_levels:
         p.error(f"--t-min {args.t_min} / --t-max {args.t_max}: expected 0 <= t_min < t_max <= {args.num_levels}")
-    for name, allowed in (("method", ("dmd", "cd")), ("reg_pairs", ("own", "all")), ("lr_decay", ("none", "cosine"))):
+    for name, allowed in (("method", ("dmd", "cd")), ("reg_pairs", ("own", "all")), ("lr_decay", ("auto", "none", "cosine"))):
         if getattr(args, name) not in allowed:
             p.error(f"--{name.replace('_', '-')} must be one of {allowed}, got {getattr(args, name)!r}")
     if args.long:
