@@ -43,8 +43,8 @@ import evaluate  # noqa: E402
 import msd  # noqa: E402
 import sample  # noqa: E402
 
-FULL = dict(sizes=(8, 16, 32), ks=(1, 2, 5), seeds=(0, 1, 2), own_sizes=(8,), samples=5000, tsm_iters=600,
-            tsm_batch=128, tsm_lr=2e-3, curve_iters=600, every=150, batch=32, lr=2e-4, ema=1.0, lambda_reg=1.0,
+FULL = dict(sizes=(8, 16, 32), ks=(1, 2, 5), seeds=(0, 1, 2), own_sizes=(8,), samples=5000, tsm_iters=300,
+            tsm_batch=128, tsm_lr=2e-3, curve_iters=450, every=150, batch=32, lr=2e-4, ema=1.0, lambda_reg=1.0,
             workers=2)
 QUICK = dict(sizes=(8, 32), ks=(1, 2, 5), seeds=(0,), own_sizes=(8,), samples=100, tsm_iters=2, tsm_batch=8,
              tsm_lr=2e-3, curve_iters=4, every=2, batch=8, lr=2e-4, ema=1.0, lambda_reg=1.0, workers=1)
