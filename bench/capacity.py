@@ -177,47 +177,46 @@ def main(argv=None):
         print(f"size {size}: FD to data along K=1 training {dict(zip(steps, np.round(curves[size], 2).tolist()))} "
               f"-> budget {budget[size]} steps", flush=True)
 
-    # the grid: every (size, filter, seed, K) with the size's budget
-    cells = [(size, reg, seed, K) for size in hp["sizes"] for reg in (("all", "own") if size in hp["own_sizes"] else ("all",))
-             for seed in hp["seeds"] for K in hp["ks"]]
-    grid_jobs, where = [], {}
-    for size, reg, seed, K in cells:
-        for k in range(K):
-            if K == 1 and seed == 0:  # the curve's run, stopped at the budget
-                where[size, reg, seed, K, k] = os.path.join(curve_dirs[size], f"student_{budget[size]:06d}.pt")
-                continue
-            if K == 1 and reg == "own":  # a single student owns every pair: the F_DM run
-                where[size, reg, seed, K, k] = where[size, "all", seed, K, k]
-                continue
-            out = j(f"c{size}", reg, f"seed{seed}", f"K{K}", f"p{k}")
-            where[size, reg, seed, K, k] = os.path.join(out, "student.pt")
-            grid_jobs.append(((size, reg, seed, K), (job, (dm_args(size, K, k, seed, reg, out, init[size, K, k]) + ["--iters", str(budget[size])],))))
-    times = pool([jb for _, jb in grid_jobs], hp["workers"])
-    wall = {}
-    for (cell, _), t in zip(grid_jobs, times):
-        wall[cell] = wall.get(cell, 0) + t
-
-    rows = []
-    for size, reg, seed, K in cells:
-        x, y = route([where[size, reg, seed, K, k] for k in range(K)], seeds_eval, j("tmp_samples"))
-        m = measure(x, y)
-        rows.append(dict(size=size, params=params(size), reg=reg, seed=seed, K=K, steps=budget[size],
-                         images=K * budget[size] * hp["batch"], wall=wall.get((size, reg, seed, K)), **m))
-        print(f"size {size} {reg} seed {seed} K {K}: FD data {m['fd_data']:.2f} teacher {m['fd_teacher']:.2f} "
-              f"acc {m['acc']:.3f}", flush=True)
-    result = dict(hp=hp, rows=rows, curves={str(k): v for k, v in curves.items()}, steps=steps, budget=budget,
-                  teacher=teacher_m, floor=floor, floor_data=floor_data, tsm_cost=tsm_cost,
-                  clf_acc=clf_acc, total_s=time.time() - t_start)
-    table = report(result)
-    print(table)
+    # the grid, one size at a time (smallest first), each (filter, seed, K) with the size's budget; the table,
+    # results.json and the figure are rewritten after every size, so a stopped study keeps its finished sizes
+    rows, where, wall = [], {}, {}
+    for size in hp["sizes"]:
+        cells = [(size, reg, seed, K) for reg in (("all", "own") if size in hp["own_sizes"] else ("all",))
+                 for seed in hp["seeds"] for K in hp["ks"]]
+        grid_jobs = []
+        for _, reg, seed, K in cells:
+            for k in range(K):
+                if K == 1 and seed == 0:  # the curve's run, stopped at the budget
+                    where[size, reg, seed, K, k] = os.path.join(curve_dirs[size], f"student_{budget[size]:06d}.pt")
+                    continue
+                if K == 1 and reg == "own":  # a single student owns every pair: the F_DM run
+                    where[size, reg, seed, K, k] = where[size, "all", seed, K, k]
+                    continue
+                out = j(f"c{size}", reg, f"seed{seed}", f"K{K}", f"p{k}")
+                where[size, reg, seed, K, k] = os.path.join(out, "student.pt")
+                grid_jobs.append(((size, reg, seed, K), (job, (dm_args(size, K, k, seed, reg, out, init[size, K, k]) + ["--iters", str(budget[size])],))))
+        for (cell, _), t in zip(grid_jobs, pool([jb for _, jb in grid_jobs], hp["workers"])):
+            wall[cell] = wall.get(cell, 0) + t
+        for _, reg, seed, K in cells:
+            x, y = route([where[size, reg, seed, K, k] for k in range(K)], seeds_eval, j("tmp_samples"))
+            m = measure(x, y)
+            rows.append(dict(size=size, params=params(size), reg=reg, seed=seed, K=K, steps=budget[size],
+                             images=K * budget[size] * hp["batch"], wall=wall.get((size, reg, seed, K)), **m))
+            print(f"size {size} {reg} seed {seed} K {K}: FD data {m['fd_data']:.2f} teacher {m['fd_teacher']:.2f} "
+                  f"acc {m['acc']:.3f}", flush=True)
+        result = dict(hp=hp, rows=rows, curves={str(k): v for k, v in curves.items()}, steps=steps, budget=budget,
+                      teacher=teacher_m, floor=floor, floor_data=floor_data, tsm_cost=tsm_cost,
+                      clf_acc=clf_acc, total_s=time.time() - t_start)
+        table = report(result)
+        print(table, flush=True)
+        if not args.quick:
+            with open(os.path.join(ROOT, "bench", "capacity_results.md"), "w") as f:
+                f.write(table)
+            with open(j("results.json"), "w") as f:
+                json.dump(result, f, indent=1, default=float)
+            figure(result, os.path.join(ROOT, "docs", "capacity.png"), args.out)
     if args.quick:
         print("--quick: a smoke test of the pipeline; the numbers above mean nothing at this size.")
-    else:
-        with open(os.path.join(ROOT, "bench", "capacity_results.md"), "w") as f:
-            f.write(table)
-        with open(j("results.json"), "w") as f:
-            json.dump(result, f, indent=1, default=float)
-        figure(result, os.path.join(ROOT, "docs", "capacity.png"), args.out)
     return result
 
 
@@ -246,7 +245,7 @@ def report(r):
              "images seen (all students) | CPU s (DM, all students) | K beats 1? (gap / 2 x pooled std) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     ms = lambda v, f: f"{np.mean(v):{f}} ± {np.std(v, ddof=1) if len(v) > 1 else 0:{f}}"
-    for size in hp["sizes"]:
+    for size in sorted({x["size"] for x in rows}):
         for reg in sorted({x["reg"] for x in rows if x["size"] == size}):
             base = [x["fd_data"] for x in rows if x["size"] == size and x["reg"] == reg and x["K"] == 1]
             for K in hp["ks"]:
@@ -258,7 +257,7 @@ def report(r):
                              f"{ms([x['fd_teacher'] for x in c], '.2f')} | {ms([x['acc'] for x in c], '.3f')} | "
                              f"{ms([np.mean(x['fd_blocks']) for x in c], '.2f')} | {c[0]['steps']} | {c[0]['images']:,d} | "
                              f"{np.mean(walls) if walls else float('nan'):.0f} | {verdict} |")
-    fl = r["floor"]
+    fl, missing = r["floor"], [s for s in hp["sizes"] if s not in {x["size"] for x in rows}]
     lines += ["", f"mean ± std (ddof 1) over seeds {list(hp['seeds'])}; {hp['samples']} routed samples per run. Teacher: FD to "
               f"data {r['teacher']['fd_data']:.2f}, label accuracy {r['teacher']['acc']:.3f}. Floors at {hp['samples']} "
               f"samples: teacher vs teacher {fl['fd_teacher']:.2f} (per partition {np.mean(fl['fd_blocks']):.2f}); 297 real "
@@ -266,7 +265,8 @@ def report(r):
               f"{r['budget']}. Per-partition FD: mean over the 5 blocks of 2 classes, to teacher samples of the block. "
               f"CPU s: CPU seconds (one thread each) of the DM runs of one cell summed over its students (seed 0's K = 1 run is the curve "
               f"run, not timed here); TSM s per (size, K), summed over partitions: {r['tsm_cost']}. "
-              f"Classifier test accuracy {r['clf_acc']:.3f}. Total {r['total_s']:.0f} s.", ""]
+              f"Classifier test accuracy {r['clf_acc']:.3f}. Total {r['total_s']:.0f} s."
+              + ("" if not missing else f" Not finished (no rows): sizes {missing}."), ""]
     return "\n".join(lines)
 
 
@@ -294,8 +294,8 @@ def figure(r, path, out):
         ax[1].plot(r["steps"], r["curves"][str(s)] if str(s) in r["curves"] else r["curves"][s], "o-", label=f"{s} ch")
         ax[1].axvline(r["budget"][s], ls=":", lw=1)
     ax[1].set_xlabel("DM steps (K = 1, seed 0)"), ax[1].set_ylabel("FD to held-out digits"), ax[1].legend(fontsize=7)
-    grid = []
-    for s in hp["sizes"]:
+    grid, done = [], sorted({x["size"] for x in rows})
+    for s in done:
         row = []
         for K in hp["ks"]:
             ckpts = ([os.path.join(out, f"c{s}", "curve", f"student_{r['budget'][s]:06d}.pt")] if K == 1 else
@@ -304,8 +304,8 @@ def figure(r, path, out):
             row.append(torch.cat([torch.cat(list(x[y == c][:3, 0]), 1) for c in range(10)], 1))  # (8, 3 * 8 * 10)
         grid.append(torch.cat(row, 0))
     ax[2].imshow(torch.cat(grid, 0).numpy(), cmap="gray_r", aspect="auto")
-    ax[2].set_yticks([(i + 0.5) * 8 for i in range(len(hp["sizes"]) * len(hp["ks"]))],
-                     [f"{s} ch K={K}" for s in hp["sizes"] for K in hp["ks"]], fontsize=7)
+    ax[2].set_yticks([(i + 0.5) * 8 for i in range(len(done) * len(hp["ks"]))],
+                     [f"{s} ch K={K}" for s in done for K in hp["ks"]], fontsize=7)
     ax[2].set_xticks([]), ax[2].set_title("samples (seed 0), 3 per class")
     fig.savefig(path, dpi=110)
 
