@@ -1,6 +1,6 @@
 """When do more students help? Student size against K on real digits, on a CPU (MSD Sec. 3.3, Tables 1 and 5).
 
-    python bench/capacity.py            # the study: table, curves and docs/capacity.png (about an hour on 2 cores)
+    python bench/capacity.py            # the study: table, curves and docs/capacity.png (1.8 h for the smallest size alone on 2 slow cores)
     python bench/capacity.py --quick    # the same pipeline in seconds (used by a test); its numbers mean nothing
 
 The protocol is fixed here, before any run, and the README reads the results against it:
@@ -251,7 +251,8 @@ def report(r):
             for K in hp["ks"]:
                 c = [x for x in rows if x["size"] == size and x["reg"] == reg and x["K"] == K]
                 fd = [x["fd_data"] for x in c]
-                verdict = "" if K == 1 else "{2} ({0:.2f} / {1:.2f})".format(*decide(base, fd)[:2], "yes" if decide(base, fd)[2] else "no")
+                gap, pooled, wins = decide(base, fd)
+                verdict = "" if K == 1 else f"{'yes' if wins else 'no'} ({gap:.2f} / {2 * pooled:.2f})"
                 walls = [x["wall"] for x in c if x["wall"] is not None]
                 lines.append(f"| {size} ch ({c[0]['params'] / 1e3:.0f}k) | {reg} | {K} | {ms(fd, '.2f')} | "
                              f"{ms([x['fd_teacher'] for x in c], '.2f')} | {ms([x['acc'] for x in c], '.3f')} | "
@@ -303,7 +304,7 @@ def figure(r, path, out):
             x, y = route(ckpts, "300000-300499", os.path.join(out, "tmp_grid"))
             row.append(torch.cat([torch.cat(list(x[y == c][:3, 0]), 1) for c in range(10)], 1))  # (8, 3 * 8 * 10)
         grid.append(torch.cat(row, 0))
-    ax[2].imshow(torch.cat(grid, 0).numpy(), cmap="gray_r", aspect="auto")
+    ax[2].imshow(torch.cat(grid, 0).numpy(), cmap="gray_r", aspect="equal")
     ax[2].set_yticks([(i + 0.5) * 8 for i in range(len(done) * len(hp["ks"]))],
                      [f"{s} ch K={K}" for s in done for K in hp["ks"]], fontsize=7)
     ax[2].set_xticks([]), ax[2].set_title("samples (seed 0), 3 per class")
