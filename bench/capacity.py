@@ -65,15 +65,21 @@ def params(channels):
 
 def job(argv, copy_to=None, threads=1):
     """One msd.py run in a worker process; returns its CPU seconds (one thread: its wall time on an idle
-    core; unlike wall time, not inflated by other jobs). copy_to: keep a copy of student.pt."""
+    core; unlike wall time, not inflated by other jobs), kept beside the checkpoint for a later study that
+    reuses the run (nan if that record is missing). copy_to: keep a copy of student.pt."""
     torch.set_num_threads(threads)
     t0 = time.process_time()
     out = argv[argv.index("--out") + 1]
-    if not os.path.exists(copy_to or os.path.join(out, "student.pt")):
-        digits.run(msd, argv)
-        if copy_to:
-            shutil.copy(os.path.join(out, "student.pt"), copy_to)
-    return time.process_time() - t0
+    ckpt = copy_to or os.path.join(out, "student.pt")
+    if os.path.exists(ckpt):
+        return float(open(ckpt + ".cpu_s").read()) if os.path.exists(ckpt + ".cpu_s") else float("nan")
+    digits.run(msd, argv)
+    if copy_to:
+        shutil.copy(os.path.join(out, "student.pt"), copy_to)
+    t = time.process_time() - t0
+    with open(ckpt + ".cpu_s", "w") as f:
+        f.write(f"{t:.1f}")
+    return t
 
 
 def curve_job(argv, every, total):
@@ -101,8 +107,17 @@ def main(argv=None):
     p.add_argument("--out", default=os.path.join(ROOT, "out", "capacity"), help="working folder (finished runs are reused)")
     p.add_argument("--digits", default=os.path.join(ROOT, "out", "digits"),
                    help="bench/digits.py's folder: its teacher and paired set are reused, or made there")
+    p.add_argument("--curve-iters", type=int, default=None,
+                   help=f"length of the K = 1 curves that set the budgets (default {FULL['curve_iters']}); another value "
+                        "writes its own results file and figure (suffix _curve<N>) and reuses every run it shares")
     args = p.parse_args(argv)
-    hp = QUICK if args.quick else FULL
+    hp = dict(QUICK if args.quick else FULL)
+    suffix = ""
+    if args.curve_iters is not None:
+        if args.curve_iters < hp["every"] or args.curve_iters % hp["every"]:
+            p.error(f"--curve-iters must be a positive multiple of {hp['every']}, got {args.curve_iters}")
+        suffix = "" if args.curve_iters == hp["curve_iters"] else f"_curve{args.curve_iters}"
+        hp["curve_iters"] = args.curve_iters
     t_start = time.time()
     j = lambda *a: os.path.join(args.out, *a)
     os.makedirs(args.out, exist_ok=True)
@@ -159,9 +174,13 @@ def main(argv=None):
                                         "--data", os.path.join(args.digits, "train"), "--num-students", str(K),
                                         "--partition", str(k), "--iters", str(hp["tsm_iters"]), "--batch", str(hp["tsm_batch"]),
                                         "--lr", str(hp["tsm_lr"]), "--out", out, *COMMON],)))
+    # CPU seconds of runs an earlier study made but did not record one by one: its cell totals (same runs)
+    earlier = json.load(open(j("results.json"))) if os.path.exists(j("results.json")) else dict(rows=[], tsm_cost={})
     tsm_cost = {}
     for key, t in zip(tsm_keys, pool(tsm_jobs, hp["workers"])):
-        tsm_cost[key] = round(tsm_cost.get(key, 0) + t)
+        tsm_cost[key] = tsm_cost.get(key, 0) + t
+    tsm_cost = {k: v if v == v else earlier["tsm_cost"].get(k, v) for k, v in tsm_cost.items()}
+    tsm_cost = {k: round(v) if v == v else v for k, v in tsm_cost.items()}
 
     # the budget: K = 1, seed 0, FD to data every `every` steps
     curve_dirs = {size: j(f"c{size}", "curve") for size in hp["sizes"]}
@@ -192,11 +211,14 @@ def main(argv=None):
                 if K == 1 and reg == "own":  # a single student owns every pair: the F_DM run
                     where[size, reg, seed, K, k] = where[size, "all", seed, K, k]
                     continue
-                out = j(f"c{size}", reg, f"seed{seed}", f"K{K}", f"p{k}")
+                out = j(f"c{size}", reg, f"seed{seed}", f"K{K}", f"s{budget[size]}", f"p{k}")
                 where[size, reg, seed, K, k] = os.path.join(out, "student.pt")
                 grid_jobs.append(((size, reg, seed, K), (job, (dm_args(size, K, k, seed, reg, out, init[size, K, k]) + ["--iters", str(budget[size])],))))
         for (cell, _), t in zip(grid_jobs, pool([jb for _, jb in grid_jobs], hp["workers"])):
             wall[cell] = wall.get(cell, 0) + t
+        for cell in [c for c, t in wall.items() if t != t]:
+            same = [x["wall"] for x in earlier["rows"] if (x["size"], x["reg"], x["seed"], x["K"], x["steps"]) == (*cell, budget[cell[0]])]
+            wall[cell] = same[0] if same and same[0] is not None else float("nan")
         for _, reg, seed, K in cells:
             x, y = route([where[size, reg, seed, K, k] for k in range(K)], seeds_eval, j("tmp_samples"))
             m = measure(x, y)
@@ -210,11 +232,11 @@ def main(argv=None):
         table = report(result)
         print(table, flush=True)
         if not args.quick:
-            with open(os.path.join(ROOT, "bench", "capacity_results.md"), "w") as f:
+            with open(os.path.join(ROOT, "bench", f"capacity_results{suffix}.md"), "w") as f:
                 f.write(table)
-            with open(j("results.json"), "w") as f:
+            with open(j(f"results{suffix}.json"), "w") as f:
                 json.dump(result, f, indent=1, default=float)
-            figure(result, os.path.join(ROOT, "docs", "capacity.png"), args.out)
+            figure(result, os.path.join(ROOT, "docs", f"capacity{suffix}.png"), args.out)
     if args.quick:
         print("--quick: a smoke test of the pipeline; the numbers above mean nothing at this size.")
     return result
@@ -300,7 +322,7 @@ def figure(r, path, out):
         row = []
         for K in hp["ks"]:
             ckpts = ([os.path.join(out, f"c{s}", "curve", f"student_{r['budget'][s]:06d}.pt")] if K == 1 else
-                     [os.path.join(out, f"c{s}", "all", "seed0", f"K{K}", f"p{k}", "student.pt") for k in range(K)])
+                     [os.path.join(out, f"c{s}", "all", "seed0", f"K{K}", f"s{r['budget'][s]}", f"p{k}", "student.pt") for k in range(K)])
             x, y = route(ckpts, "300000-300499", os.path.join(out, "tmp_grid"))
             row.append(torch.cat([torch.cat(list(x[y == c][:3, 0]), 1) for c in range(10)], 1))  # (8, 3 * 8 * 10)
         grid.append(torch.cat(row, 0))

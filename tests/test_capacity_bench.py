@@ -33,3 +33,15 @@ def test_capacity_quick_pipeline(tmp_path, capsys):
     assert os.path.exists(tmp_path / "cap" / "c8" / "tsm" / "K5p4" / "student.pt")  # Stage 0 for the small size
     assert not os.path.exists(tmp_path / "cap" / "c32" / "tsm")  # the teacher-size students start from the teacher
     assert "mean nothing" in capsys.readouterr().out
+    # a longer curve reuses every run it shares, including their recorded CPU seconds
+    cap = load()
+    r2 = cap.main(["--quick", "--curve-iters", "6", "--out", str(tmp_path / "cap"), "--digits", str(tmp_path / "digits")])
+    assert r2["steps"] == [2, 4, 6] and r2["curves"]["8"][:2] == r["curves"]["8"]
+    assert all(np.isfinite(x["wall"]) for x in r2["rows"] if x["wall"] is not None)
+    assert all(np.isfinite(v) for v in r2["tsm_cost"].values())
+    try:
+        cap.main(["--quick", "--curve-iters", "5"])
+    except SystemExit as e:
+        assert e.code == 2
+    else:
+        raise AssertionError("--curve-iters 5 (not a multiple of 2) was accepted")
