@@ -77,7 +77,8 @@ def test_tiny_end_to_end_run(tmp_path, method):
                                         (["--eval-samples", "0"], "--eval-samples must be at least 8"),
                                         (["--teacher-steps", "1"], "--teacher-steps must be at least 2"),
                                         (["--ema", "1"], "--ema must be in [0, 1)"),
-                                        (["--t-max", "2000"], "--t-max 2000"), (["--lr-decay", "step"], "--lr-decay must be one of")])
+                                        (["--t-max", "2000"], "--t-max 2000"), (["--lr-decay", "step"], "--lr-decay must be one of"),
+                                        (["--act", "tanh"], "--act must be one of")])
 def test_bad_numbers_are_refused_at_parse_time(bad, expect, capsys):
     with pytest.raises(SystemExit) as e:
         toy2d.parse_args(bad)
@@ -100,3 +101,25 @@ def test_every_toy_flag_has_help_and_the_running_mean_is_a_mean(monkeypatch):
     for v in (0.0, 2.0, 4.0):
         m.add(dm=torch.tensor(v))
     assert m.report() == {"dm": 2.0} and m.report() == {}
+
+
+def test_on_mode_separates_spots_from_rings():
+    cfg = toy2d.ToyConfig()
+    y = torch.arange(8).repeat(4000)
+    x = toy2d.sample_data(y, cfg, torch.Generator().manual_seed(0))
+    assert toy2d.on_mode(x, y, cfg) == pytest.approx(1 - math.exp(-4.5), abs=0.005)
+    assert toy2d.on_mode(x, (y + 1) % 8, cfg) == 0  # another class's ring is far away
+    a = torch.rand(len(y)) * 2 * math.pi  # the same rings, drawn evenly along each circle
+    ring = toy2d.mode_centres(y, cfg)[:, 0] - cfg.inner_radius * torch.tensor([1.0, 0]) + cfg.inner_radius * torch.stack([a.cos(), a.sin()], 1)
+    assert 0.3 < toy2d.on_mode(ring, y, cfg) < 0.39
+
+
+def test_relu_mlp_is_piecewise_linear_in_its_input():
+    torch.manual_seed(0)
+    second_diff = {}
+    for act in ("relu", "silu"):
+        net = toy2d.StackedMLP(1, 2, 16, 2, 2, act).double()
+        x, h = torch.randn(1, 1, 2, dtype=torch.float64), 1e-3 * torch.randn(1, 1, 2, dtype=torch.float64)
+        second_diff[act] = (net(x + h) - 2 * net(x) + net(x - h)).abs().max().item()
+    assert second_diff["relu"] < 1e-14 < 1e-9 < second_diff["silu"]  # relu: affine on the step; silu: curved
+    assert toy2d.ToyDenoiser(1, toy2d.ToyConfig(width=16, depth=2, act="relu")).net.act is torch.nn.functional.relu
