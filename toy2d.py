@@ -47,7 +47,7 @@ class ToyConfig:
     # teacher MLP and its training (App. D.1: AdamW lr 1e-4, wd 0.01, betas (0.9, 0.999))
     width: int = 128              # MLP width (teacher and students)
     depth: int = 4                # MLP hidden layers
-    act: str = "silu"             # MLP activation: silu | relu (relu: see the README's toy ablation)
+    act: str = "relu"             # MLP activation relu | silu; the command line's auto = relu for dmd, silu for cd (README)
     x_freqs: int = 0              # Fourier features sin/cos(2^k pi c_in x), k < x_freqs, of the input
     teacher_iters: int = 8000     # paper: 100k; 8k at lr 1e-3 gives a mode-resolving teacher on a CPU
     teacher_lr: float = 1e-3      # paper: 1e-4 (100k iters); raised to fit the CPU budget
@@ -115,7 +115,7 @@ def partition(K):
 class StackedMLP(nn.Module):
     """S independent MLPs evaluated together with batched matmuls. x: (S, N, d_in) -> (S, N, d_out)."""
 
-    def __init__(self, S, d_in, width, depth, d_out, act="silu"):
+    def __init__(self, S, d_in, width, depth, d_out, act):
         super().__init__()
         self.act = getattr(torch.nn.functional, act)
         dims = [d_in] + [width] * depth + [d_out]
@@ -446,6 +446,9 @@ def plot(path, teacher_x, panels, ks, l1, floor, method):
 
 # ----------------------------------------------------------------------------- main
 
+CLI_DEFAULTS = dict(act="auto")  # defaults of the command line that depend on --method (resolved in parse_args)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--students", type=int, nargs="+", default=[8], help="K values from 1, 2, 4, 8; K=1 is always added (default: 8)")
@@ -454,8 +457,9 @@ def parse_args(argv=None):
     for dc_cls in (ToyConfig, DistillConfig):  # every field's comment is its help line
         doc = dict(re.findall(r"^\s+(\w+): [^#\n]*#\s*(.*)$", inspect.getsource(dc_cls), re.M))
         for f in fields(dc_cls):
-            p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
-                           help=f"{doc.get(f.name, '')} (default: {f.default})".replace("%", "%%"))
+            default = CLI_DEFAULTS.get(f.name, f.default)
+            p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=default,
+                           help=f"{doc.get(f.name, '')} (default: {default})".replace("%", "%%"))
     args = p.parse_args(argv)
     for k in args.students:
         try:
@@ -478,11 +482,13 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")
     if not 0 <= args.t_min < args.t_max <= args.num_levels:
         p.error(f"--t-min {args.t_min} / --t-max {args.t_max}: expected 0 <= t_min < t_max <= {args.num_levels}")
-    for name, allowed in (("method", ("dmd", "cd")), ("reg_pairs", ("own", "all")), ("act", ("silu", "relu")), ("lr_decay", ("auto", "none", "cosine"))):
+    for name, allowed in (("method", ("dmd", "cd")), ("reg_pairs", ("own", "all")), ("act", ("auto", "silu", "relu")), ("lr_decay", ("auto", "none", "cosine"))):
         if getattr(args, name) not in allowed:
             p.error(f"--{name.replace('_', '-')} must be one of {allowed}, got {getattr(args, name)!r}")
     if args.long:
         args.iters *= 3
+    if args.act == "auto":  # the one-step DM map is piecewise constant: relu draws the spots; CD is worse with it
+        args.act = "relu" if args.method == "dmd" else "silu"
     cfg = ToyConfig(**{f.name: getattr(args, f.name) for f in fields(ToyConfig)})
     dc = DistillConfig(**{f.name: getattr(args, f.name) for f in fields(DistillConfig)})
     return args, cfg, dc
@@ -493,7 +499,7 @@ def main(argv=None):
     t0 = time.time()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     ks = sorted(set([1] + args.students))
-    teacher = load_or_train_teacher(cfg, os.path.join(args.out, "teacher.pt"))
+    teacher = load_or_train_teacher(cfg, os.path.join(args.out, f"teacher_{cfg.act}.pt"))
 
     # teacher reference sets (two, for the metric's noise floor) and the shared paired set
     gen = torch.Generator().manual_seed(cfg.seed + 1)

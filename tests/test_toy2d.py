@@ -69,7 +69,7 @@ def test_tiny_end_to_end_run(tmp_path, method):
     assert out["ks"] == [1, 2] and all(math.isfinite(v) for v in out["l1"] + [out["floor"]])
     assert out["losses"] and all(math.isfinite(v) for v in out["losses"].values())
     assert (tmp_path / f"toy2d_{method}.png").stat().st_size > 10_000
-    assert (tmp_path / "teacher.pt").exists()
+    assert (tmp_path / f"teacher_{'relu' if method == 'dmd' else 'silu'}.pt").exists()  # --act auto
 
 
 @pytest.mark.parametrize("bad,expect", [(["--lr", "-1"], "--lr must be > 0"), (["--lr", "0"], "--lr must be > 0"),
@@ -123,3 +123,9 @@ def test_relu_mlp_is_piecewise_linear_in_its_input():
         second_diff[act] = (net(x + h) - 2 * net(x) + net(x - h)).abs().max().item()
     assert second_diff["relu"] < 1e-14 < 1e-9 < second_diff["silu"]  # relu: affine on the step; silu: curved
     assert toy2d.ToyDenoiser(1, toy2d.ToyConfig(width=16, depth=2, act="relu")).net.act is torch.nn.functional.relu
+
+
+def test_act_auto_is_relu_for_dm_and_silu_for_cd():
+    assert toy2d.parse_args([])[1].act == "relu"
+    assert toy2d.parse_args(["--method", "cd"])[1].act == "silu"
+    assert toy2d.parse_args(["--method", "cd", "--act", "relu"])[1].act == "relu"
