@@ -129,3 +129,18 @@ def test_act_auto_is_relu_for_dm_and_silu_for_cd():
     assert toy2d.parse_args([])[1].act == "relu"
     assert toy2d.parse_args(["--method", "cd"])[1].act == "silu"
     assert toy2d.parse_args(["--method", "cd", "--act", "relu"])[1].act == "relu"
+
+
+def test_toy_fit_bench_quick(tmp_path, capsys):
+    import importlib.util
+    import os
+    spec = importlib.util.spec_from_file_location("toy_fit", os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench", "toy_fit.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = mod.main(["--quick", "--out", str(tmp_path), "--variants", "silu:8", "relu:8"])
+    assert [(r["act"], r["width"]) for r in rows] == [("silu", 8), ("relu", 8)]
+    assert all(math.isfinite(r["mse"]) and 0 <= r["on_mode"] <= 1 for r in rows)
+    assert (tmp_path / "teacher_relu.pt").exists() and "mean nothing" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        mod.main(["--quick", "--out", str(tmp_path), "--variants", "tanh:8"])
+    assert "got 'tanh:8'" in capsys.readouterr().err
