@@ -1,6 +1,7 @@
 """When do more students help? Student size against K on real digits, on a CPU (MSD Sec. 3.3, Tables 1 and 5).
 
-    python bench/capacity.py            # the study: table, curves and docs/capacity.png (1.8 h on a slow 2-core CPU for teacher, curves and the 8-channel grid)
+    python bench/capacity.py            # the study: table, curves and docs/capacity.png (5,815 s on a 2-core CPU shared with other jobs)
+    python bench/capacity.py --curve-iters 900   # longer K = 1 curves, so longer budgets; reuses every run it shares
     python bench/capacity.py --quick    # the same pipeline in seconds (used by a test); its numbers mean nothing
 
 The protocol is fixed here, before any run, and the README reads the results against it:
