@@ -388,10 +388,10 @@ def distill_cd(teacher, own, dc, log_every=500):
 
 @torch.no_grad()
 def sample_students(G, own, n_per_student, generator):
-    """One-step samples; each class comes from the student that owns it. Returns (S, n, 2)."""
-    y = own.labels(n_per_student, balanced=True).reshape(-1)
-    z = torch.randn(y.shape[0], 2, generator=generator)
-    return G.generate(z, y).view(len(own.groups), n_per_student, 2)
+    """One-step samples; each class comes from the student that owns it. Returns (S, n, 2) samples, (S, n) labels."""
+    y = own.labels(n_per_student, balanced=True)
+    z = torch.randn(y.numel(), 2, generator=generator)
+    return G.generate(z, y.reshape(-1)).view(len(own.groups), n_per_student, 2), y
 
 
 # ----------------------------------------------------------------------------- metric and figure
@@ -520,12 +520,12 @@ def main(argv=None):
         G, losses = distill_dmd(teacher, own, (z_pair, y_pair, x_pair), dc)
     else:
         G, losses = distill_cd(teacher, own, dc)
-    x_all = sample_students(G, own, n, torch.Generator().manual_seed(cfg.seed + 3))  # (S, n, 2)
+    x_all, y_all = sample_students(G, own, n, torch.Generator().manual_seed(cfg.seed + 3))  # (S, n, 2), (S, n)
 
     l1, spots, panels, start = [], [], [], 0
     for k in ks:  # each K's students together cover all classes with n samples
         x_k = x_all[start:start + k, : n // k].reshape(-1, 2)
-        y_k = own.labels(n // k, balanced=True)[start:start + k].reshape(-1)
+        y_k = y_all[start:start + k, : n // k].reshape(-1)
         start += k
         l1.append(hist_l1(x_k, ref_a))
         spots.append(on_mode(x_k, y_k, cfg))
@@ -533,7 +533,7 @@ def main(argv=None):
     print(f"\nmethod={dc.method}  iters={dc.iters}  lr={dc.lr}  batch/student={dc.batch}")
     print("l1 = sum over the 200x200 bins of |p_a - p_b| of normalised histograms, in [0, 2]; "
           "the paper's App. D.1 mean over bins is l1 / 40000")
-    print(f"on-mode: share of samples within 3 std of a mode of their class (data 0.989, an even ring <= 0.38)")
+    print("on-mode: share of samples within 3 std of a mode of their class (data 0.989, an even ring <= 0.38)")
     print(f"noise floor (teacher vs teacher, {n} samples each): l1 = {floor:.3f}; teacher on-mode {on_mode(ref_a, y_ref, cfg):.3f}")
     for k, v, m in zip(ks, l1, spots):
         print(f"K={k:<2d} students: l1 to teacher = {v:.3f}  on-mode {m:.3f}")

@@ -175,13 +175,10 @@ def main(argv=None):
                                         "--data", os.path.join(args.digits, "train"), "--num-students", str(K),
                                         "--partition", str(k), "--iters", str(hp["tsm_iters"]), "--batch", str(hp["tsm_batch"]),
                                         "--lr", str(hp["tsm_lr"]), "--out", out, *COMMON],)))
-    # CPU seconds of runs an earlier study made but did not record one by one: its cell totals (same runs)
-    earlier = json.load(open(j("results.json"))) if os.path.exists(j("results.json")) else dict(rows=[], tsm_cost={})
     tsm_cost = {}
     for key, t in zip(tsm_keys, pool(tsm_jobs, hp["workers"])):
         tsm_cost[key] = tsm_cost.get(key, 0) + t
-    tsm_cost = {k: v if v == v else earlier["tsm_cost"].get(k, v) for k, v in tsm_cost.items()}
-    tsm_cost = {k: round(v) if v == v else v for k, v in tsm_cost.items()}
+    tsm_cost = {k: round(v) if v == v else v for k, v in tsm_cost.items()}  # nan: a reused run without a record
 
     # the budget: K = 1, seed 0, FD to data every `every` steps
     curve_dirs = {size: j(f"c{size}", "curve") for size in hp["sizes"]}
@@ -217,9 +214,6 @@ def main(argv=None):
                 grid_jobs.append(((size, reg, seed, K), (job, (dm_args(size, K, k, seed, reg, out, init[size, K, k]) + ["--iters", str(budget[size])],))))
         for (cell, _), t in zip(grid_jobs, pool([jb for _, jb in grid_jobs], hp["workers"])):
             wall[cell] = wall.get(cell, 0) + t
-        for cell in [c for c, t in wall.items() if t != t]:
-            same = [x["wall"] for x in earlier["rows"] if (x["size"], x["reg"], x["seed"], x["K"], x["steps"]) == (*cell, budget[cell[0]])]
-            wall[cell] = same[0] if same and same[0] is not None else float("nan")
         for _, reg, seed, K in cells:
             x, y = route([where[size, reg, seed, K, k] for k in range(K)], seeds_eval, j("tmp_samples"))
             m = measure(x, y)
