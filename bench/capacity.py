@@ -111,14 +111,25 @@ def main(argv=None):
     p.add_argument("--curve-iters", type=int, default=None,
                    help=f"length of the K = 1 curves that set the budgets (default {FULL['curve_iters']}); another value "
                         "writes its own results file and figure (suffix _curve<N>) and reuses every run it shares")
+    p.add_argument("--sizes", type=int, nargs="+", default=None,
+                   help="run only these sizes of the ladder (e.g. --sizes 32, when one session cannot fit the whole "
+                        "study); writes its own results file and figure (suffix _sizes<...>)")
     args = p.parse_args(argv)
     hp = dict(QUICK if args.quick else FULL)
     suffix = ""
+    if args.sizes is not None:
+        bad = [s for s in args.sizes if s not in hp["sizes"]]
+        if bad or len(set(args.sizes)) != len(args.sizes):
+            p.error(f"--sizes must be distinct sizes of the ladder {list(hp['sizes'])}, got {args.sizes}")
+        hp["sizes"] = tuple(sorted(args.sizes))
+        hp["own_sizes"] = tuple(s for s in hp["own_sizes"] if s in hp["sizes"])
     if args.curve_iters is not None:
         if args.curve_iters < hp["every"] or args.curve_iters % hp["every"]:
             p.error(f"--curve-iters must be a positive multiple of {hp['every']}, got {args.curve_iters}")
         suffix = "" if args.curve_iters == hp["curve_iters"] else f"_curve{args.curve_iters}"
         hp["curve_iters"] = args.curve_iters
+    if args.sizes is not None and set(hp["sizes"]) != set((QUICK if args.quick else FULL)["sizes"]):
+        suffix += "_sizes" + "-".join(map(str, hp["sizes"]))
     t_start = time.time()
     j = lambda *a: os.path.join(args.out, *a)
     os.makedirs(args.out, exist_ok=True)
