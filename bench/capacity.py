@@ -2,6 +2,8 @@
 
     python bench/capacity.py            # the study: table, curves and docs/capacity.png (5,815 s on a 2-core CPU shared with other jobs)
     python bench/capacity.py --curve-iters 900   # longer K = 1 curves, so longer budgets; reuses every run it shares
+                                                 # (sizes 8 and 16 from scratch: 7,803 s on a 2-core CPU)
+    python bench/capacity.py --curve-iters 900 --sizes 32   # one size of the ladder alone (its own results file)
     python bench/capacity.py --quick    # the same pipeline in seconds (used by a test); its numbers mean nothing
 
 The protocol is fixed here, before any run, and the README reads the results against it:
