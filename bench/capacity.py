@@ -119,19 +119,17 @@ def main(argv=None):
     args = p.parse_args(argv)
     hp = dict(QUICK if args.quick else FULL)
     suffix = ""
-    if args.sizes is not None:
-        bad = [s for s in args.sizes if s not in hp["sizes"]]
-        if bad or len(set(args.sizes)) != len(args.sizes):
-            p.error(f"--sizes must be distinct sizes of the ladder {list(hp['sizes'])}, got {args.sizes}")
-        hp["sizes"] = tuple(sorted(args.sizes))
-        hp["own_sizes"] = tuple(s for s in hp["own_sizes"] if s in hp["sizes"])
     if args.curve_iters is not None:
         if args.curve_iters < hp["every"] or args.curve_iters % hp["every"]:
             p.error(f"--curve-iters must be a positive multiple of {hp['every']}, got {args.curve_iters}")
         suffix = "" if args.curve_iters == hp["curve_iters"] else f"_curve{args.curve_iters}"
         hp["curve_iters"] = args.curve_iters
-    if args.sizes is not None and set(hp["sizes"]) != set((QUICK if args.quick else FULL)["sizes"]):
-        suffix += "_sizes" + "-".join(map(str, hp["sizes"]))
+    if args.sizes is not None:
+        if any(s not in hp["sizes"] for s in args.sizes) or len(set(args.sizes)) != len(args.sizes):
+            p.error(f"--sizes must be distinct sizes of the ladder {list(hp['sizes'])}, got {args.sizes}")
+        if set(args.sizes) != set(hp["sizes"]):
+            suffix += "_sizes" + "-".join(map(str, sorted(args.sizes)))
+        hp["sizes"] = tuple(sorted(args.sizes))
     t_start = time.time()
     j = lambda *a: os.path.join(args.out, *a)
     os.makedirs(args.out, exist_ok=True)
