@@ -4,6 +4,7 @@
     python bench/capacity.py --curve-iters 900   # longer K = 1 curves, so longer budgets; reuses every run it shares
                                                  # (sizes 8 and 16 from scratch: 7,803 s on a 2-core CPU)
     python bench/capacity.py --curve-iters 900 --sizes 32   # one size of the ladder alone (its own results file)
+    python bench/capacity.py --curve-iters 1800 --sizes 8 --ks 1 5 --pairs own   # one cell of the grid against K = 1
     python bench/capacity.py --quick    # the same pipeline in seconds (used by a test); its numbers mean nothing
 
 The protocol is fixed here, before any run, and the README reads the results against it:
@@ -116,8 +117,14 @@ def main(argv=None):
     p.add_argument("--sizes", type=int, nargs="+", default=None,
                    help="run only these sizes of the ladder (e.g. --sizes 32, when one session cannot fit the whole "
                         "study); writes its own results file and figure (suffix _sizes<...>)")
+    p.add_argument("--ks", type=int, nargs="+", default=None,
+                   help="run only these K (1, the baseline of the rule, always among them; e.g. --ks 1 5); "
+                        "writes its own results file and figure (suffix _ks<...>)")
+    p.add_argument("--pairs", nargs="+", choices=("all", "own"), default=None,
+                   help="run only these regression filters (all: F_DM; own: --reg-pairs own, for the sizes "
+                        f"{FULL['own_sizes']} only); writes its own results file and figure (suffix _pairs<...>)")
     args = p.parse_args(argv)
-    hp = dict(QUICK if args.quick else FULL)
+    hp = dict(QUICK if args.quick else FULL, pairs=("all", "own"))
     suffix = ""
     if args.curve_iters is not None:
         if args.curve_iters < hp["every"] or args.curve_iters % hp["every"]:
@@ -130,6 +137,20 @@ def main(argv=None):
         if set(args.sizes) != set(hp["sizes"]):
             suffix += "_sizes" + "-".join(map(str, sorted(args.sizes)))
         hp["sizes"] = tuple(sorted(args.sizes))
+    if args.ks is not None:
+        if any(k not in hp["ks"] for k in args.ks) or len(set(args.ks)) != len(args.ks) or 1 not in args.ks:
+            p.error(f"--ks must be distinct values of {list(hp['ks'])} including 1 (the baseline), got {args.ks}")
+        if set(args.ks) != set(hp["ks"]):
+            suffix += "_ks" + "-".join(map(str, sorted(args.ks)))
+        hp["ks"] = tuple(sorted(args.ks))
+    if args.pairs is not None:
+        if len(set(args.pairs)) != len(args.pairs):
+            p.error(f"--pairs must not repeat a filter, got {args.pairs}")
+        if args.pairs == ["own"] and not set(hp["sizes"]) & set(hp["own_sizes"]):
+            p.error(f"--pairs own runs for sizes {list(hp['own_sizes'])} only, got --sizes {list(hp['sizes'])}")
+        if set(args.pairs) != {"all", "own"}:
+            suffix += "_pairs" + "-".join(sorted(args.pairs))
+        hp["pairs"] = tuple(sorted(args.pairs))
     t_start = time.time()
     j = lambda *a: os.path.join(args.out, *a)
     os.makedirs(args.out, exist_ok=True)
@@ -209,27 +230,28 @@ def main(argv=None):
     # results.json and the figure are rewritten after every size, so a stopped study keeps its finished sizes
     rows, where, wall = [], {}, {}
     for size in hp["sizes"]:
-        cells = [(size, reg, seed, K) for reg in (("all", "own") if size in hp["own_sizes"] else ("all",))
-                 for seed in hp["seeds"] for K in hp["ks"]]
-        grid_jobs = []
+        regs = [reg for reg in hp["pairs"] if reg == "all" or size in hp["own_sizes"]]
+        cells = [(size, reg, seed, K) for reg in regs for seed in hp["seeds"] for K in hp["ks"]]
+        grid_jobs, queued = [], set()
         for _, reg, seed, K in cells:
+            run_reg = "all" if K == 1 else reg  # a single student owns every pair: both filters are one run
             for k in range(K):
                 if K == 1 and seed == 0:  # the curve's run, stopped at the budget
                     where[size, reg, seed, K, k] = os.path.join(curve_dirs[size], f"student_{budget[size]:06d}.pt")
                     continue
-                if K == 1 and reg == "own":  # a single student owns every pair: the F_DM run
-                    where[size, reg, seed, K, k] = where[size, "all", seed, K, k]
-                    continue
-                out = j(f"c{size}", reg, f"seed{seed}", f"K{K}", f"s{budget[size]}", f"p{k}")
+                out = j(f"c{size}", run_reg, f"seed{seed}", f"K{K}", f"s{budget[size]}", f"p{k}")
                 where[size, reg, seed, K, k] = os.path.join(out, "student.pt")
-                grid_jobs.append(((size, reg, seed, K), (job, (dm_args(size, K, k, seed, reg, out, init[size, K, k]) + ["--iters", str(budget[size])],))))
+                if out not in queued:
+                    queued.add(out)
+                    grid_jobs.append(((size, run_reg, seed, K), (job, (dm_args(size, K, k, seed, run_reg, out, init[size, K, k])
+                                                                      + ["--iters", str(budget[size])],))))
         for (cell, _), t in zip(grid_jobs, pool([jb for _, jb in grid_jobs], hp["workers"])):
             wall[cell] = wall.get(cell, 0) + t
         for _, reg, seed, K in cells:
             x, y = route([where[size, reg, seed, K, k] for k in range(K)], seeds_eval, j("tmp_samples"))
             m = measure(x, y)
             rows.append(dict(size=size, params=params(size), reg=reg, seed=seed, K=K, steps=budget[size],
-                             images=K * budget[size] * hp["batch"], wall=wall.get((size, reg, seed, K)), **m))
+                             images=K * budget[size] * hp["batch"], wall=wall.get((size, "all" if K == 1 else reg, seed, K)), **m))
             print(f"size {size} {reg} seed {seed} K {K}: FD data {m['fd_data']:.2f} teacher {m['fd_teacher']:.2f} "
                   f"acc {m['acc']:.3f}", flush=True)
         result = dict(hp=hp, rows=rows, curves={str(k): v for k, v in curves.items()}, steps=steps, budget=budget,
@@ -326,16 +348,17 @@ def figure(r, path, out):
     grid, done = [], sorted({x["size"] for x in rows})
     for s in done:
         row = []
+        reg = "all" if any(x["reg"] == "all" and x["size"] == s for x in rows) else "own"
         for K in hp["ks"]:
             ckpts = ([os.path.join(out, f"c{s}", "curve", f"student_{r['budget'][s]:06d}.pt")] if K == 1 else
-                     [os.path.join(out, f"c{s}", "all", "seed0", f"K{K}", f"s{r['budget'][s]}", f"p{k}", "student.pt") for k in range(K)])
+                     [os.path.join(out, f"c{s}", reg, "seed0", f"K{K}", f"s{r['budget'][s]}", f"p{k}", "student.pt") for k in range(K)])
             x, y = route(ckpts, "300000-300499", os.path.join(out, "tmp_grid"))
             row.append(torch.cat([torch.cat(list(x[y == c][:3, 0]), 1) for c in range(10)], 1))  # (8, 3 * 8 * 10)
         grid.append(torch.cat(row, 0))
     ax[2].imshow(torch.cat(grid, 0).numpy(), cmap="gray_r", aspect="equal")
     ax[2].set_yticks([(i + 0.5) * 8 for i in range(len(done) * len(hp["ks"]))],
                      [f"{s} ch K={K}" for s in done for K in hp["ks"]], fontsize=7)
-    ax[2].set_xticks([]), ax[2].set_title("samples (seed 0), 3 per class")
+    ax[2].set_xticks([]), ax[2].set_title("samples (seed 0; F_DM where run, else own pairs), 3 per class")
     fig.savefig(path, dpi=110)
 
 

@@ -45,7 +45,15 @@ def test_capacity_quick_pipeline(tmp_path, capsys):
     assert {x["size"] for x in r3["rows"]} == {32} and len(r3["rows"]) == 3
     same = [(a["fd_data"], b["fd_data"]) for a in r3["rows"] for b in r2["rows"] if b["size"] == 32 and b["K"] == a["K"]]
     assert len(same) == 3 and np.allclose(*zip(*same), rtol=1e-4)
-    for bad in (["--curve-iters", "5"], ["--sizes", "12"], ["--sizes", "8", "8"]):  # 5: not a multiple of 2
+    # one filter and two K of a size (a cell against its baseline): the same runs, so the same rows
+    r4 = cap.main(["--quick", "--sizes", "8", "--ks", "1", "5", "--pairs", "own", "--curve-iters", "6",
+                   "--out", str(tmp_path / "cap"), "--digits", str(tmp_path / "digits")])
+    assert [(x["reg"], x["K"]) for x in r4["rows"]] == [("own", 1), ("own", 5)]
+    same = [(a["fd_data"], b["fd_data"]) for a in r4["rows"] for b in r2["rows"]
+            if (b["size"], b["reg"], b["K"]) == (8, "own", a["K"])]
+    assert len(same) == 2 and np.allclose(*zip(*same), rtol=1e-4)
+    for bad in (["--curve-iters", "5"], ["--sizes", "12"], ["--sizes", "8", "8"], ["--ks", "2", "5"], ["--ks", "3"],
+                ["--pairs", "own", "--sizes", "32"], ["--pairs", "own", "own"]):  # 5: not a multiple of 2; K = 1 is the baseline
         try:
             cap.main(["--quick", *bad])
         except SystemExit as e:
