@@ -4,7 +4,7 @@
     python bench/capacity.py --curve-iters 900   # longer K = 1 curves, so longer budgets; reuses every run it shares
                                                  # (sizes 8 and 16 from scratch: 7,803 s on a 2-core CPU)
     python bench/capacity.py --curve-iters 900 --sizes 32   # one size of the ladder alone (its own results file)
-    python bench/capacity.py --curve-iters 1800 --sizes 8 --ks 1 5 --pairs own   # one cell of the grid against K = 1
+    python bench/capacity.py --curve-iters 1800 --sizes 8 --ks 1 5 --pairs own   # one cell against K = 1 (4,583 s after the teacher, 2-core CPU)
     python bench/capacity.py --quick    # the same pipeline in seconds (used by a test); its numbers mean nothing
 
 The protocol is fixed here, before any run, and the README reads the results against it:
@@ -345,10 +345,11 @@ def figure(r, path, out):
         ax[1].plot(r["steps"], r["curves"][str(s)] if str(s) in r["curves"] else r["curves"][s], "o-", label=f"{s} ch")
         ax[1].axvline(r["budget"][s], ls=":", lw=1)
     ax[1].set_xlabel("DM steps (K = 1, seed 0)"), ax[1].set_ylabel("FD to held-out digits"), ax[1].legend(fontsize=7)
-    grid, done = [], sorted({x["size"] for x in rows})
+    grid, done, names = [], sorted({x["size"] for x in rows}), []
     for s in done:
         row = []
         reg = "all" if any(x["reg"] == "all" and x["size"] == s for x in rows) else "own"
+        names += [f"{s} ch K={K}" + (" own" if reg == "own" and K > 1 else "") for K in hp["ks"]]
         for K in hp["ks"]:
             ckpts = ([os.path.join(out, f"c{s}", "curve", f"student_{r['budget'][s]:06d}.pt")] if K == 1 else
                      [os.path.join(out, f"c{s}", reg, "seed0", f"K{K}", f"s{r['budget'][s]}", f"p{k}", "student.pt") for k in range(K)])
@@ -356,9 +357,8 @@ def figure(r, path, out):
             row.append(torch.cat([torch.cat(list(x[y == c][:3, 0]), 1) for c in range(10)], 1))  # (8, 3 * 8 * 10)
         grid.append(torch.cat(row, 0))
     ax[2].imshow(torch.cat(grid, 0).numpy(), cmap="gray_r", aspect="equal")
-    ax[2].set_yticks([(i + 0.5) * 8 for i in range(len(done) * len(hp["ks"]))],
-                     [f"{s} ch K={K}" for s in done for K in hp["ks"]], fontsize=7)
-    ax[2].set_xticks([]), ax[2].set_title("samples (seed 0; F_DM where run, else own pairs), 3 per class")
+    ax[2].set_yticks([(i + 0.5) * 8 for i in range(len(names))], names, fontsize=7)
+    ax[2].set_xticks([]), ax[2].set_title("samples (seed 0), 3 per class")
     fig.savefig(path, dpi=110)
 
 
