@@ -131,26 +131,14 @@ def main(argv=None):
             p.error(f"--curve-iters must be a positive multiple of {hp['every']}, got {args.curve_iters}")
         suffix = "" if args.curve_iters == hp["curve_iters"] else f"_curve{args.curve_iters}"
         hp["curve_iters"] = args.curve_iters
-    if args.sizes is not None:
-        if any(s not in hp["sizes"] for s in args.sizes) or len(set(args.sizes)) != len(args.sizes):
-            p.error(f"--sizes must be distinct sizes of the ladder {list(hp['sizes'])}, got {args.sizes}")
-        if set(args.sizes) != set(hp["sizes"]):
-            suffix += "_sizes" + "-".join(map(str, sorted(args.sizes)))
-        hp["sizes"] = tuple(sorted(args.sizes))
-    if args.ks is not None:
-        if any(k not in hp["ks"] for k in args.ks) or len(set(args.ks)) != len(args.ks) or 1 not in args.ks:
-            p.error(f"--ks must be distinct values of {list(hp['ks'])} including 1 (the baseline), got {args.ks}")
-        if set(args.ks) != set(hp["ks"]):
-            suffix += "_ks" + "-".join(map(str, sorted(args.ks)))
-        hp["ks"] = tuple(sorted(args.ks))
-    if args.pairs is not None:
-        if len(set(args.pairs)) != len(args.pairs):
-            p.error(f"--pairs must not repeat a filter, got {args.pairs}")
-        if args.pairs == ["own"] and not set(hp["sizes"]) & set(hp["own_sizes"]):
-            p.error(f"--pairs own runs for sizes {list(hp['own_sizes'])} only, got --sizes {list(hp['sizes'])}")
-        if set(args.pairs) != {"all", "own"}:
-            suffix += "_pairs" + "-".join(sorted(args.pairs))
-        hp["pairs"] = tuple(sorted(args.pairs))
+    for flag in ("sizes", "ks", "pairs"):  # a part of the study: its own results file
+        if getattr(args, flag) is not None:
+            hp[flag], tag = subset(p, flag, getattr(args, flag), hp[flag])
+            suffix += tag
+    if 1 not in hp["ks"]:
+        p.error(f"--ks must include 1 (the baseline of the rule), got {args.ks}")
+    if hp["pairs"] == ("own",) and not set(hp["sizes"]) & set(hp["own_sizes"]):
+        p.error(f"--pairs own runs for sizes {list(hp['own_sizes'])} only, got --sizes {list(hp['sizes'])}")
     t_start = time.time()
     j = lambda *a: os.path.join(args.out, *a)
     os.makedirs(args.out, exist_ok=True)
@@ -234,24 +222,23 @@ def main(argv=None):
         cells = [(size, reg, seed, K) for reg in regs for seed in hp["seeds"] for K in hp["ks"]]
         grid_jobs, queued = [], set()
         for _, reg, seed, K in cells:
-            run_reg = "all" if K == 1 else reg  # a single student owns every pair: both filters are one run
             for k in range(K):
                 if K == 1 and seed == 0:  # the curve's run, stopped at the budget
                     where[size, reg, seed, K, k] = os.path.join(curve_dirs[size], f"student_{budget[size]:06d}.pt")
                     continue
-                out = j(f"c{size}", run_reg, f"seed{seed}", f"K{K}", f"s{budget[size]}", f"p{k}")
+                out = j(f"c{size}", run_reg(reg, K), f"seed{seed}", f"K{K}", f"s{budget[size]}", f"p{k}")
                 where[size, reg, seed, K, k] = os.path.join(out, "student.pt")
                 if out not in queued:
                     queued.add(out)
-                    grid_jobs.append(((size, run_reg, seed, K), (job, (dm_args(size, K, k, seed, run_reg, out, init[size, K, k])
-                                                                      + ["--iters", str(budget[size])],))))
+                    args_k = dm_args(size, K, k, seed, run_reg(reg, K), out, init[size, K, k]) + ["--iters", str(budget[size])]
+                    grid_jobs.append(((size, run_reg(reg, K), seed, K), (job, (args_k,))))
         for (cell, _), t in zip(grid_jobs, pool([jb for _, jb in grid_jobs], hp["workers"])):
             wall[cell] = wall.get(cell, 0) + t
         for _, reg, seed, K in cells:
             x, y = route([where[size, reg, seed, K, k] for k in range(K)], seeds_eval, j("tmp_samples"))
             m = measure(x, y)
             rows.append(dict(size=size, params=params(size), reg=reg, seed=seed, K=K, steps=budget[size],
-                             images=K * budget[size] * hp["batch"], wall=wall.get((size, "all" if K == 1 else reg, seed, K)), **m))
+                             images=K * budget[size] * hp["batch"], wall=wall.get((size, run_reg(reg, K), seed, K)), **m))
             print(f"size {size} {reg} seed {seed} K {K}: FD data {m['fd_data']:.2f} teacher {m['fd_teacher']:.2f} "
                   f"acc {m['acc']:.3f}", flush=True)
         result = dict(hp=hp, rows=rows, curves={str(k): v for k, v in curves.items()}, steps=steps, budget=budget,
@@ -268,6 +255,18 @@ def main(argv=None):
     if args.quick:
         print("--quick: a smoke test of the pipeline; the numbers above mean nothing at this size.")
     return result
+
+
+def subset(p, flag, given, ladder):
+    """A flag that picks part of the study: distinct values of `ladder`. -> (sorted tuple, results-file suffix)."""
+    if any(v not in ladder for v in given) or len(set(given)) != len(given):
+        p.error(f"--{flag} must be distinct values of {list(ladder)}, got {given}")
+    return tuple(sorted(given)), "" if set(given) == set(ladder) else f"_{flag}" + "-".join(map(str, sorted(given)))
+
+
+def run_reg(reg, K):
+    """The filter a cell's runs train with: a single student owns every pair, so both filters are one run."""
+    return "all" if K == 1 else reg
 
 
 def route(ckpts, seeds, out):
