@@ -222,16 +222,15 @@ def main(argv=None):
         cells = [(size, reg, seed, K) for reg in regs for seed in hp["seeds"] for K in hp["ks"]]
         grid_jobs, queued = [], set()
         for _, reg, seed, K in cells:
+            reg_k = run_reg(reg, K)
             for k in range(K):
-                if K == 1 and seed == 0:  # the curve's run, stopped at the budget
-                    where[size, reg, seed, K, k] = os.path.join(curve_dirs[size], f"student_{budget[size]:06d}.pt")
+                where[size, reg, seed, K, k] = ckpt = student_ckpt(args.out, size, reg, seed, K, budget[size], k)
+                out = os.path.dirname(ckpt)
+                if (K == 1 and seed == 0) or out in queued:  # the curve's run, or one another cell queued
                     continue
-                out = j(f"c{size}", run_reg(reg, K), f"seed{seed}", f"K{K}", f"s{budget[size]}", f"p{k}")
-                where[size, reg, seed, K, k] = os.path.join(out, "student.pt")
-                if out not in queued:
-                    queued.add(out)
-                    args_k = dm_args(size, K, k, seed, run_reg(reg, K), out, init[size, K, k]) + ["--iters", str(budget[size])]
-                    grid_jobs.append(((size, run_reg(reg, K), seed, K), (job, (args_k,))))
+                queued.add(out)
+                args_k = dm_args(size, K, k, seed, reg_k, out, init[size, K, k]) + ["--iters", str(budget[size])]
+                grid_jobs.append(((size, reg_k, seed, K), (job, (args_k,))))
         for (cell, _), t in zip(grid_jobs, pool([jb for _, jb in grid_jobs], hp["workers"])):
             wall[cell] = wall.get(cell, 0) + t
         for _, reg, seed, K in cells:
@@ -267,6 +266,13 @@ def subset(p, flag, given, ladder):
 def run_reg(reg, K):
     """The filter a cell's runs train with: a single student owns every pair, so both filters are one run."""
     return "all" if K == 1 else reg
+
+
+def student_ckpt(root, size, reg, seed, K, steps, k):
+    """Checkpoint of student k of a grid cell; seed 0's single student is the K = 1 curve's run, stopped at `steps`."""
+    if K == 1 and seed == 0:
+        return os.path.join(root, f"c{size}", "curve", f"student_{steps:06d}.pt")
+    return os.path.join(root, f"c{size}", run_reg(reg, K), f"seed{seed}", f"K{K}", f"s{steps}", f"p{k}", "student.pt")
 
 
 def route(ckpts, seeds, out):
@@ -350,8 +356,7 @@ def figure(r, path, out):
         reg = "all" if any(x["reg"] == "all" and x["size"] == s for x in rows) else "own"
         names += [f"{s} ch K={K}" + (" own" if reg == "own" and K > 1 else "") for K in hp["ks"]]
         for K in hp["ks"]:
-            ckpts = ([os.path.join(out, f"c{s}", "curve", f"student_{r['budget'][s]:06d}.pt")] if K == 1 else
-                     [os.path.join(out, f"c{s}", reg, "seed0", f"K{K}", f"s{r['budget'][s]}", f"p{k}", "student.pt") for k in range(K)])
+            ckpts = [student_ckpt(out, s, reg, 0, K, r["budget"][s], k) for k in range(K)]
             x, y = route(ckpts, "300000-300499", os.path.join(out, "tmp_grid"))
             row.append(torch.cat([torch.cat(list(x[y == c][:3, 0]), 1) for c in range(10)], 1))  # (8, 3 * 8 * 10)
         grid.append(torch.cat(row, 0))
