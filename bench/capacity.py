@@ -93,7 +93,7 @@ def curve_job(argv, every, total):
     torch.set_num_threads(1)
     out, times = argv[argv.index("--out") + 1], []
     for s in range(every, total + 1, every):
-        times.append(job([*argv, "--iters", str(s), "--resume", "--ckpt-every", str(every)], os.path.join(out, f"student_{s:06d}.pt")))
+        times.append(job([*argv, "--iters", str(s), "--resume", "--ckpt-every", str(every)], curve_ckpt(out, s)))
     return sum(times)
 
 
@@ -203,14 +203,14 @@ def main(argv=None):
     tsm_cost = {k: round(v) if v == v else v for k, v in tsm_cost.items()}  # nan: a reused run without a record
 
     # the budget: K = 1, seed 0, FD to data every `every` steps
-    curve_dirs = {size: j(f"c{size}", "curve") for size in hp["sizes"]}
+    curve_dirs = {size: curve_dir(args.out, size) for size in hp["sizes"]}
     pool([(curve_job, (dm_args(size, 1, 0, 0, "all", curve_dirs[size], init[size, 1, 0]), hp["every"], hp["curve_iters"]))
           for size in hp["sizes"]], hp["workers"])
     steps, curves, budget = list(range(hp["every"], hp["curve_iters"] + 1, hp["every"])), {}, {}
     for size in hp["sizes"]:
         curves[size] = []
         for s in steps:
-            x, y = route([os.path.join(curve_dirs[size], f"student_{s:06d}.pt")], seeds_eval, j("tmp_samples"))
+            x, y = route([curve_ckpt(curve_dirs[size], s)], seeds_eval, j("tmp_samples"))
             curves[size].append(measure(x, y)["fd_data"])
         budget[size] = pick_budget(steps, curves[size])
         print(f"size {size}: FD to data along K=1 training {dict(zip(steps, np.round(curves[size], 2).tolist()))} "
@@ -270,10 +270,20 @@ def run_reg(reg, K):
     return "all" if K == 1 else reg
 
 
+def curve_dir(root, size):
+    """Folder of one size's K = 1 curve run (seed 0)."""
+    return os.path.join(root, f"c{size}", "curve")
+
+
+def curve_ckpt(curve, steps):
+    """The curve run's student.pt, kept after `steps` steps."""
+    return os.path.join(curve, f"student_{steps:06d}.pt")
+
+
 def student_ckpt(root, size, reg, seed, K, steps, k):
     """Checkpoint of student k of a grid cell; seed 0's single student is the K = 1 curve's run, stopped at `steps`."""
     if K == 1 and seed == 0:
-        return os.path.join(root, f"c{size}", "curve", f"student_{steps:06d}.pt")
+        return curve_ckpt(curve_dir(root, size), steps)
     return os.path.join(root, f"c{size}", run_reg(reg, K), f"seed{seed}", f"K{K}", f"s{steps}", f"p{k}", "student.pt")
 
 
