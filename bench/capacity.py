@@ -55,6 +55,7 @@ FULL = dict(sizes=(8, 16, 32), ks=(1, 2, 5), seeds=(0, 1, 2), own_sizes=(8,), sa
 QUICK = dict(sizes=(8, 32), ks=(1, 2, 5), seeds=(0,), own_sizes=(8,), samples=100, tsm_iters=2, tsm_batch=8,
              tsm_lr=2e-3, curve_iters=4, every=2, batch=8, lr=2e-4, ema=1.0, lambda_reg=1.0, workers=1)
 TEACHER_SIZE = 32
+OPT_IN_KS = (10,)  # one class per student: on request only (--ks 1 10), as it costs ten students per seed
 COMMON = ["--precision", "fp32", "--device", "cpu", "--sample-every", "1000000", "--grad-probe-every", "0",
           "--log-every", "1000000"]
 
@@ -120,8 +121,9 @@ def main(argv=None):
                    help="run only these sizes of the ladder (e.g. --sizes 32, when one session cannot fit the whole "
                         "study); writes its own results file and figure (suffix _sizes<...>)")
     p.add_argument("--ks", type=int, nargs="+", default=None,
-                   help="run only these K (1, the baseline of the rule, always among them; e.g. --ks 1 5); "
-                        "writes its own results file and figure (suffix _ks<...>)")
+                   help=f"run only these K of {list(FULL['ks'] + OPT_IN_KS)} (1, the baseline of the rule, always among "
+                        f"them; K = {OPT_IN_KS[0]}, one class per student, on request only: e.g. --ks 1 10); writes its own "
+                        "results file and figure (suffix _ks<...>)")
     p.add_argument("--pairs", nargs="+", choices=("all", "own"), default=None,
                    help="run only these regression filters (all: F_DM; own: --reg-pairs own, for the sizes "
                         f"{FULL['own_sizes']} only); writes its own results file and figure (suffix _pairs<...>)")
@@ -135,7 +137,8 @@ def main(argv=None):
         hp["curve_iters"] = args.curve_iters
     for flag in ("sizes", "ks", "pairs"):  # a part of the study: its own results file
         if getattr(args, flag) is not None:
-            hp[flag], tag = subset(p, flag, getattr(args, flag), hp[flag])
+            allowed = hp[flag] + OPT_IN_KS if flag == "ks" else hp[flag]
+            hp[flag], tag = subset(p, flag, getattr(args, flag), allowed, hp[flag])
             suffix += tag
     if 1 not in hp["ks"]:
         p.error(f"--ks must include 1 (the baseline of the rule), got {args.ks}")
@@ -144,6 +147,7 @@ def main(argv=None):
     t_start = time.time()
     j = lambda *a: os.path.join(args.out, *a)
     os.makedirs(args.out, exist_ok=True)
+    scratch = j(f"tmp_samples_{os.getpid()}")  # this call's own, so calls sharing no run (other --sizes) may run at once
 
     # teacher, paired set, data, classifier: bench/digits.py's (run it if they are missing)
     teacher, pairs = os.path.join(args.digits, "teacher", "student.pt"), os.path.join(args.digits, "pairs.npz")
@@ -210,7 +214,7 @@ def main(argv=None):
     for size in hp["sizes"]:
         curves[size] = []
         for s in steps:
-            x, y = route([curve_ckpt(curve_dirs[size], s)], seeds_eval, j("tmp_samples"))
+            x, y = route([curve_ckpt(curve_dirs[size], s)], seeds_eval, scratch)
             curves[size].append(measure(x, y)["fd_data"])
         budget[size] = pick_budget(steps, curves[size])
         print(f"size {size}: FD to data along K=1 training {dict(zip(steps, np.round(curves[size], 2).tolist()))} "
@@ -236,7 +240,7 @@ def main(argv=None):
         for (cell, _), t in zip(grid_jobs, pool([jb for _, jb in grid_jobs], hp["workers"])):
             wall[cell] = wall.get(cell, 0) + t
         for _, reg, seed, K in cells:
-            x, y = route([where[size, reg, seed, K, k] for k in range(K)], seeds_eval, j("tmp_samples"))
+            x, y = route([where[size, reg, seed, K, k] for k in range(K)], seeds_eval, scratch)
             m = measure(x, y)
             rows.append(dict(size=size, params=params(size), reg=reg, seed=seed, K=K, steps=budget[size],
                              images=K * budget[size] * hp["batch"], wall=wall.get((size, run_reg(reg, K), seed, K)), **m))
@@ -252,17 +256,19 @@ def main(argv=None):
                 f.write(table)
             with open(j(f"results{suffix}.json"), "w") as f:
                 json.dump(result, f, indent=1, default=float)
-            figure(result, os.path.join(ROOT, "docs", f"capacity{suffix}.png"), args.out)
+            figure(result, os.path.join(ROOT, "docs", f"capacity{suffix}.png"), args.out, scratch)
+    shutil.rmtree(scratch, ignore_errors=True)
     if args.quick:
         print("--quick: a smoke test of the pipeline; the numbers above mean nothing at this size.")
     return result
 
 
-def subset(p, flag, given, ladder):
-    """A flag that picks part of the study: distinct values of `ladder`. -> (sorted tuple, results-file suffix)."""
-    if any(v not in ladder for v in given) or len(set(given)) != len(given):
-        p.error(f"--{flag} must be distinct values of {list(ladder)}, got {given}")
-    return tuple(sorted(given)), "" if set(given) == set(ladder) else f"_{flag}" + "-".join(map(str, sorted(given)))
+def subset(p, flag, given, allowed, default):
+    """A flag that picks part of the study (or adds an opt-in value): distinct values of `allowed`.
+    -> (sorted tuple, results-file suffix; none when it is the default study's set)."""
+    if any(v not in allowed for v in given) or len(set(given)) != len(given):
+        p.error(f"--{flag} must be distinct values of {list(allowed)}, got {given}")
+    return tuple(sorted(given)), "" if set(given) == set(default) else f"_{flag}" + "-".join(map(str, sorted(given)))
 
 
 def run_reg(reg, K):
@@ -338,7 +344,7 @@ def report(r):
     return "\n".join(lines)
 
 
-def figure(r, path, out):
+def figure(r, path, out, scratch):
     """Left: FD to data against student parameters, one line per K (error bars: std over seeds), floor
     and teacher dashed; middle: the K = 1 curves that set the budgets; right: samples per (size, K)."""
     import matplotlib
@@ -369,7 +375,7 @@ def figure(r, path, out):
         names += [f"{s} ch K={K}" + (" own" if reg == "own" and K > 1 else "") for K in hp["ks"]]
         for K in hp["ks"]:
             ckpts = [student_ckpt(out, s, reg, 0, K, r["budget"][s], k) for k in range(K)]
-            x, y = route(ckpts, "300000-300499", os.path.join(out, "tmp_grid"))
+            x, y = route(ckpts, "300000-300499", scratch)
             row.append(torch.cat([torch.cat(list(x[y == c][:3, 0]), 1) for c in range(10)], 1))  # (8, 3 * 8 * 10)
         grid.append(torch.cat(row, 0))
     ax[2].imshow(torch.cat(grid, 0).numpy(), cmap="gray_r", aspect="equal")

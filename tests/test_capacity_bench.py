@@ -52,8 +52,17 @@ def test_capacity_quick_pipeline(tmp_path, capsys):
     same = [(a["fd_data"], b["fd_data"]) for a in r4["rows"] for b in r2["rows"]
             if (b["size"], b["reg"], b["K"]) == (8, "own", a["K"])]
     assert len(same) == 2 and np.allclose(*zip(*same), rtol=1e-4)
+    # K = 10 (one class per student) is opt-in: ten students, each on one class, against the same K = 1 runs
+    r5 = cap.main(["--quick", "--sizes", "8", "--ks", "1", "10", "--pairs", "all", "--curve-iters", "6",
+                   "--out", str(tmp_path / "cap"), "--digits", str(tmp_path / "digits")])
+    assert [(x["reg"], x["K"]) for x in r5["rows"]] == [("all", 1), ("all", 10)]
+    assert r5["rows"][1]["images"] == 10 * r5["rows"][0]["images"]
+    assert os.path.exists(tmp_path / "cap" / "c8" / "tsm" / "K10p9" / "student.pt")
+    k1 = [b["fd_data"] for b in r2["rows"] if (b["size"], b["reg"], b["K"]) == (8, "all", 1)]
+    assert np.isclose(r5["rows"][0]["fd_data"], k1[0], rtol=1e-4)  # the same K = 1 run
     for bad in (["--curve-iters", "5"], ["--sizes", "12"], ["--sizes", "8", "8"], ["--ks", "2", "5"], ["--ks", "3"],
-                ["--pairs", "own", "--sizes", "32"], ["--pairs", "own", "own"]):  # 5: not a multiple of 2; K = 1 is the baseline
+                ["--ks", "10"], ["--ks", "1", "10", "10"], ["--pairs", "own", "--sizes", "32"],
+                ["--pairs", "own", "own"]):  # 5: not a multiple of 2; K = 1 is the baseline
         try:
             cap.main(["--quick", *bad])
         except SystemExit as e:
