@@ -7,6 +7,7 @@
     python bench/capacity.py --curve-iters 1800 --sizes 8 --ks 1 5 --pairs own   # one cell against K = 1 (4,583 s after the teacher, 2-core CPU)
     python bench/capacity.py --curve-iters 1800 --sizes 16          # (5,869 s with the teacher, beside the next one)
     python bench/capacity.py --curve-iters 1800 --sizes 32          # (7,402 s after the teacher, beside other jobs)
+    python bench/capacity.py --curve-iters 1800 --sizes 8 --ks 1 10 --pairs all   # one class per student (F_DM)
     python bench/capacity.py --quick    # the same pipeline in seconds (used by a test); its numbers mean nothing
 
 The protocol is fixed here, before any run, and the README reads the results against it:
@@ -15,6 +16,7 @@ The protocol is fixed here, before any run, and the README reads the results aga
     from it (DMD Alg. 1); smaller students first match the teacher on their own classes (TSM, Eq. 3,
     MSD Sec. 3.3 / App. D.2.2; one TSM run per (size, partition), seed 0, shared by the DM seeds), then DM;
   * K = 1, 2, 5 consecutive class blocks, equal per-student iterations and batch (as the paper compares);
+    K = 10 (one class per student) on request (--ks 1 10), as each seed then trains ten students;
   * data filtering: F_DM (every student regresses onto the whole paired set, Sec. 3.2) for every size, and
     `--reg-pairs own` for the smallest size (a K = 1 student owns every pair, so both filters share it);
   * budget: per size, one K = 1 run (seed 0) is evaluated every `every` steps up to `curve_iters`; the

@@ -69,3 +69,28 @@ def test_capacity_quick_pipeline(tmp_path, capsys):
             assert e.code == 2
         else:
             raise AssertionError(f"{bad} was accepted")
+
+
+def test_ladder_figure_reads_the_results_tables(tmp_path):
+    spec = importlib.util.spec_from_file_location("capacity_ladder", os.path.join(ROOT, "bench", "capacity_ladder.py"))
+    lad = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lad)
+    cells, teacher, floor = lad.read(os.path.join(ROOT, "bench", "capacity_results_curve1800_sizes32.md"))  # committed
+    assert set(cells) == {(32, "all", 1), (32, "all", 2), (32, "all", 5)} and 40 < teacher < floor < 50
+    head = "| size (params) | pairs | K | FD to data | rest |\n| --- | --- | --- | --- | --- |\n"
+    foot = "\nmean ± std. Teacher: FD to data {t}, label accuracy 0.99. Floors: real training digits vs held-out {f}.\n"
+    tables = {"a": "| 8 ch (53k) | all | 1 | 80.00 ± 4.00 | x |\n| 8 ch (53k) | all | 10 | 60.00 ± 2.00 | x |\n",
+              "b": "| 8 ch (53k) | all | 1 | 80.00 ± 4.00 | x |\n| 16 ch (209k) | all | 1 | 61.50 ± 6.00 | x |\n",
+              "bad": "| 8 ch (53k) | all | 1 | 79.00 ± 4.00 | x |\n"}
+    for name, rows in tables.items():
+        (tmp_path / f"{name}.md").write_text(head + rows + foot.format(t=44.7 if name != "b" else 44.6, f=46.7))
+    out = tmp_path / "ladder.png"
+    cells = lad.main(["--tables", str(tmp_path / "a.md"), str(tmp_path / "b.md"), "--out", str(out)])
+    assert cells == {(8, "all", 1): (80.0, 4.0), (8, "all", 10): (60.0, 2.0), (16, "all", 1): (61.5, 6.0)}
+    assert out.stat().st_size > 0
+    try:  # the same cell with another value in two tables: not the same runs
+        lad.merge([str(tmp_path / "a.md"), str(tmp_path / "bad.md")])
+    except ValueError as e:
+        assert "(8, 'all', 1)" in str(e)
+    else:
+        raise AssertionError("conflicting tables were merged")
