@@ -174,7 +174,9 @@ def main(argv=None):
         f, logits = evaluate.features([(x, y)], clf, rgb=False)
         fd = [evaluate.frechet_distance(*evaluate.stats(f), *r) for r in refs]
         per = [evaluate.frechet_distance(*evaluate.stats(f[np.isin(y, b)]), *r) for b, r in zip(blocks, block_refs)]
-        return dict(fd_data=fd[0], fd_teacher=fd[1], acc=float((logits.argmax(1) == y.numpy()).mean()), fd_blocks=per)
+        spread = [float(x[y == c].float().std(0).mean()) for c in range(10)]  # within-class pixel std (0-255): mode coverage
+        return dict(fd_data=fd[0], fd_teacher=fd[1], acc=float((logits.argmax(1) == y.numpy()).mean()), fd_blocks=per,
+                    class_std=spread)
 
     teacher_m = measure(tx, ty)
     floor = measure(*digits.read(j("teacher_floor")))
@@ -247,7 +249,7 @@ def main(argv=None):
             rows.append(dict(size=size, params=params(size), reg=reg, seed=seed, K=K, steps=budget[size],
                              images=K * budget[size] * hp["batch"], wall=wall.get((size, run_reg(reg, K), seed, K)), **m))
             print(f"size {size} {reg} seed {seed} K {K}: FD data {m['fd_data']:.2f} teacher {m['fd_teacher']:.2f} "
-                  f"acc {m['acc']:.3f}", flush=True)
+                  f"acc {m['acc']:.3f} within-class std per class {np.round(m['class_std'], 1).tolist()}", flush=True)
         result = dict(hp=hp, rows=rows, curves={str(k): v for k, v in curves.items()}, steps=steps, budget=budget,
                       teacher=teacher_m, floor=floor, floor_data=floor_data, tsm_cost=tsm_cost,
                       clf_acc=clf_acc, total_s=time.time() - t_start)
@@ -317,8 +319,8 @@ def decide(a, b):
 def report(r):
     hp, rows = r["hp"], r["rows"]
     lines = ["| size (params) | pairs | K | FD to data | FD to teacher | label acc. | per-partition FD | steps/student | "
-             "images seen (all students) | CPU s (DM, all students) | K beats 1? (gap / 2 x pooled std) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "within-class pixel std (mean / lowest class) | images seen (all students) | CPU s (DM, all students) | "
+             "K beats 1? (gap / 2 x pooled std) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     ms = lambda v, f: f"{np.mean(v):{f}} ± {np.std(v, ddof=1) if len(v) > 1 else 0:{f}}"
     for size in sorted({x["size"] for x in rows}):
         for reg in sorted({x["reg"] for x in rows if x["size"] == size}):
@@ -331,11 +333,14 @@ def report(r):
                 walls = [x["wall"] for x in c if x["wall"] is not None]
                 lines.append(f"| {size} ch ({c[0]['params'] / 1e3:.0f}k) | {reg} | {K} | {ms(fd, '.2f')} | "
                              f"{ms([x['fd_teacher'] for x in c], '.2f')} | {ms([x['acc'] for x in c], '.3f')} | "
-                             f"{ms([np.mean(x['fd_blocks']) for x in c], '.2f')} | {c[0]['steps']} | {c[0]['images']:,d} | "
+                             f"{ms([np.mean(x['fd_blocks']) for x in c], '.2f')} | {c[0]['steps']} | "
+                             f"{np.mean([np.mean(x['class_std']) for x in c]):.1f} / {np.mean([min(x['class_std']) for x in c]):.1f} | "
+                             f"{c[0]['images']:,d} | "
                              f"{np.mean(walls) if walls else float('nan'):.0f} | {verdict} |")
     fl, missing = r["floor"], [s for s in hp["sizes"] if s not in {x["size"] for x in rows}]
     lines += ["", f"mean ± std (ddof 1) over seeds {list(hp['seeds'])}; {hp['samples']} routed samples per run. Teacher: FD to "
-              f"data {r['teacher']['fd_data']:.2f}, label accuracy {r['teacher']['acc']:.3f}. Floors at {hp['samples']} "
+              f"data {r['teacher']['fd_data']:.2f}, label accuracy {r['teacher']['acc']:.3f}, within-class pixel std "
+              f"{np.mean(r['teacher']['class_std']):.1f} / {min(r['teacher']['class_std']):.1f}. Floors at {hp['samples']} "
               f"samples: teacher vs teacher {fl['fd_teacher']:.2f} (per partition {np.mean(fl['fd_blocks']):.2f}); 297 real "
               f"training digits vs held-out {r['floor_data']:.2f}. Budgets (steps/student, from the K = 1 curves): "
               f"{r['budget']}. Per-partition FD: mean over the 5 blocks of 2 classes, to teacher samples of the block. "

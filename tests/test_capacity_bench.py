@@ -28,7 +28,8 @@ def test_capacity_quick_pipeline(tmp_path, capsys):
     r = load().main(["--quick", "--out", str(tmp_path / "cap"), "--digits", str(tmp_path / "digits")])
     # sizes 8 and 32 x K 1, 2, 5, plus the own-pairs filter for size 8
     assert len(r["rows"]) == 9 and {x["reg"] for x in r["rows"] if x["size"] == 8} == {"all", "own"}
-    assert all(np.isfinite([x["fd_data"], x["fd_teacher"], x["acc"], *x["fd_blocks"]]).all() for x in r["rows"])
+    assert all(np.isfinite([x["fd_data"], x["fd_teacher"], x["acc"], *x["fd_blocks"], *x["class_std"]]).all()
+               and len(x["class_std"]) == 10 for x in r["rows"])
     assert set(r["budget"]) == {8, 32} and all(b in r["steps"] for b in r["budget"].values())
     assert os.path.exists(tmp_path / "cap" / "c8" / "tsm" / "K5p4" / "student.pt")  # Stage 0 for the small size
     assert not os.path.exists(tmp_path / "cap" / "c32" / "tsm")  # the teacher-size students start from the teacher
