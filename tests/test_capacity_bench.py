@@ -72,7 +72,7 @@ def test_capacity_quick_pipeline(tmp_path, capsys):
             raise AssertionError(f"{bad} was accepted")
 
 
-def test_ladder_figure_reads_the_results_tables(tmp_path):
+def test_ladder_figure_reads_the_results_tables(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("capacity_ladder", os.path.join(ROOT, "bench", "capacity_ladder.py"))
     lad = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(lad)
@@ -80,15 +80,22 @@ def test_ladder_figure_reads_the_results_tables(tmp_path):
     assert set(cells) == {(32, "all", 1), (32, "all", 2), (32, "all", 5)} and 40 < teacher < floor < 50
     head = "| size (params) | pairs | K | FD to data | rest |\n| --- | --- | --- | --- | --- |\n"
     foot = "\nmean ± std. Teacher: FD to data {t}, label accuracy 0.99. Floors: real training digits vs held-out {f}.\n"
-    tables = {"a": "| 8 ch (53k) | all | 1 | 80.00 ± 4.00 | x |\n| 8 ch (53k) | all | 10 | 60.00 ± 2.00 | x |\n",
+    tables = {"a": "| 8 ch (53k) | all | 1 | 80.00 ± 4.00 | x |\n| 8 ch (53k) | all | 10 | 60.00 ± 2.00 | x |\n"
+                   "| 8 ch (53k) | own | 1 | 80.00 ± 4.00 | x |\n| 8 ch (53k) | own | 5 | 70.00 ± 3.00 | x |\n",
               "b": "| 8 ch (53k) | all | 1 | 80.00 ± 4.00 | x |\n| 16 ch (209k) | all | 1 | 61.50 ± 6.00 | x |\n",
               "bad": "| 8 ch (53k) | all | 1 | 79.00 ± 4.00 | x |\n"}
     for name, rows in tables.items():
         (tmp_path / f"{name}.md").write_text(head + rows + foot.format(t=44.7 if name != "b" else 44.6, f=46.7))
     out = tmp_path / "ladder.png"
     cells = lad.main(["--tables", str(tmp_path / "a.md"), str(tmp_path / "b.md"), "--out", str(out)])
-    assert cells == {(8, "all", 1): (80.0, 4.0), (8, "all", 10): (60.0, 2.0), (16, "all", 1): (61.5, 6.0)}
+    assert cells == {(8, "all", 1): (80.0, 4.0), (8, "all", 10): (60.0, 2.0), (16, "all", 1): (61.5, 6.0),
+                     (8, "own", 1): (80.0, 4.0), (8, "own", 5): (70.0, 3.0)}
     assert out.stat().st_size > 0
+    drawn = capsys.readouterr().out  # both filters; own pairs' K = 1 is F_DM's, drawn once
+    assert "F_DM K = 1: 8 ch 80.00 ± 4.00, 16 ch 61.50 ± 6.00" in drawn and "own pairs K = 5: 8 ch 70.00" in drawn
+    assert "own pairs K = 1" not in drawn
+    lad.main(["--tables", str(tmp_path / "a.md"), "--pairs", "all", "--out", str(out)])
+    assert "own pairs" not in capsys.readouterr().out
     try:  # the same cell with another value in two tables: not the same runs
         lad.merge([str(tmp_path / "a.md"), str(tmp_path / "bad.md")])
     except ValueError as e:
