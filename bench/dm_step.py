@@ -2,10 +2,14 @@
 
     python bench/dm_step.py                                   # CPU: tiny preset, batch 8, fp32
     python bench/dm_step.py --device cuda --preset B --batch 32 --precision bf16 [--compile] [--lpips-size 224]
+    python bench/dm_step.py --arch "model_channels=32,img_resolution=8,attn_resolutions=(4,)" \
+        --student-arch "model_channels=8,img_resolution=8,attn_resolutions=(4,)" --reg-loss mse --batch 32 --threads 1
+                                                              # one step of bench/capacity.py's smallest students
 
 Runs the real loop (`msd.main`) on a random-weight teacher of the preset and a small random paired
 set (no download: LPIPS uses a random VGG of the real architecture, same cost as the pretrained
-one). The first --steps iterations are warm-up (and compilation); the figures are from the next
+one). --arch / --student-arch override the teacher's and the student's (G and the fake score start
+from it, as after TSM) architecture. The first --steps iterations are warm-up (and compilation); the figures are from the next
 --steps. --parts also times each part of the step on its own (synchronised), for a profile table.
 """
 import argparse
@@ -107,30 +111,45 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--lpips-size", type=int, default=224)
+    p.add_argument("--arch", default="", help="overrides of the teacher's preset, e.g. model_channels=32,img_resolution=8")
+    p.add_argument("--student-arch", default="", help="a smaller student (G and fake score): overrides of the preset")
+    p.add_argument("--reg-loss", default="lpips", choices=["lpips", "mse"])
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--steps", type=int, default=5, help="warm-up steps, then the same number measured")
     p.add_argument("--parts", action="store_true", help="also time each part of the step alone")
     args = p.parse_args(argv)
+    if args.parts and args.student_arch:
+        p.error("--parts times teacher-shaped networks only; drop --student-arch to use it")
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
-        D = edm_unet.build(args.preset)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        D = edm_unet.build(args.preset, **edm_unet.parse_overrides(args.arch))
         teacher = os.path.join(tmp, "teacher.pt")
         edm_unet.save_model(D, teacher)
         fake_pairs(D.cfg, os.path.join(tmp, "pairs.npz"))
+        init = []
+        if args.student_arch:
+            init = ["--init", os.path.join(tmp, "student.pt")]
+            edm_unet.save_model(edm_unet.build(args.preset, **edm_unet.parse_overrides(args.student_arch)), init[1])
         del D
         r = msd.main(["--teacher", teacher, "--pairs", os.path.join(tmp, "pairs.npz"), "--out", os.path.join(tmp, "out"),
                       "--batch", str(args.batch), "--precision", args.precision, "--device", args.device,
                       "--lpips-random", "--lpips-size", str(args.lpips_size), "--iters", str(2 * args.steps),
                       "--log-every", str(args.steps), "--grad-probe-every", "0", "--sample-every", "1000000",
-                      "--ckpt-every", "1000000", "--num-students", "1", *(["--compile"] if args.compile else []),
+                      "--ckpt-every", "1000000", "--num-students", "1", "--reg-loss", args.reg_loss, *init,
+                      *(["--compile"] if args.compile else []),
                       *(["--channels-last"] if args.channels_last else [])])
         log = r["log"]
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-        print(f"\nDM step, {args.preset}, batch {args.batch}, {args.precision}{', compiled' if args.compile else ''}, "
-              f"LPIPS at {args.lpips_size} px, {name}, torch {torch.__version__}: {log['ms_per_iter']} ms/iter, "
+        print(f"\nDM step, {args.preset}{' ' + args.arch if args.arch else ''}"
+              f"{', student ' + args.student_arch if args.student_arch else ''}, batch {args.batch}, {args.precision}{', compiled' if args.compile else ''}, "
+              f"{f'LPIPS at {args.lpips_size} px' if args.reg_loss == 'lpips' else 'MSE regression'}, {name}, torch {torch.__version__}: {log['ms_per_iter']} ms/iter, "
               f"{log['img_per_s']} img/s" + (f", peak {log['peak_gib']} GiB" if "peak_gib" in log else ""))
         if args.parts:
             parts(args, teacher, device)
+        return log
 
 
 if __name__ == "__main__":
