@@ -9,8 +9,9 @@
 Runs the real loop (`msd.main`) on a random-weight teacher of the preset and a small random paired
 set (no download: LPIPS uses a random VGG of the real architecture, same cost as the pretrained
 one). --arch / --student-arch override the teacher's and the student's (G and the fake score start
-from it, as after TSM) architecture. The first --steps iterations are warm-up (and compilation); the figures are from the next
---steps. --parts also times each part of the step on its own (synchronised), for a profile table.
+from it, as after TSM) architecture. The first --steps iterations are warm-up (and compilation);
+the figures are from the next --steps. --parts also times each part of the step on its own
+(synchronised), for a profile table.
 """
 import argparse
 import copy
@@ -143,10 +144,11 @@ def main(argv=None):
                       *(["--channels-last"] if args.channels_last else [])])
         log = r["log"]
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-        print(f"\nDM step, {args.preset}{' ' + args.arch if args.arch else ''}"
-              f"{', student ' + args.student_arch if args.student_arch else ''}, batch {args.batch}, {args.precision}{', compiled' if args.compile else ''}, "
-              f"{f'LPIPS at {args.lpips_size} px' if args.reg_loss == 'lpips' else 'MSE regression'}, {name}, torch {torch.__version__}: {log['ms_per_iter']} ms/iter, "
-              f"{log['img_per_s']} img/s" + (f", peak {log['peak_gib']} GiB" if "peak_gib" in log else ""))
+        nets = args.preset + (f" {args.arch}" if args.arch else "") + (f", student {args.student_arch}" if args.student_arch else "")
+        reg = f"LPIPS at {args.lpips_size} px" if args.reg_loss == "lpips" else "MSE regression"
+        print(f"\nDM step, {nets}, batch {args.batch}, {args.precision}{', compiled' if args.compile else ''}, {reg}, "
+              f"{name}, torch {torch.__version__}: {log['ms_per_iter']} ms/iter, {log['img_per_s']} img/s"
+              + (f", peak {log['peak_gib']} GiB" if "peak_gib" in log else ""))
         if args.parts:
             parts(args, teacher, device)
         return log
