@@ -6,7 +6,8 @@
     python bench/capacity.py --curve-iters 900 --sizes 32   # one size of the ladder alone (its own results file)
     python bench/capacity.py --curve-iters 1800 --sizes 8 --ks 1 5 --pairs own   # one cell against K = 1 (4,583 s after the teacher, 2-core CPU)
     python bench/capacity.py --curve-iters 1800 --sizes 16          # (5,869 s with the teacher, beside the next one)
-    python bench/capacity.py --curve-iters 1800 --sizes 32          # (7,402 s after the teacher, beside other jobs)
+    python bench/capacity.py --curve-iters 1800 --sizes 32          # (7,402 s after the teacher, beside other jobs;
+                                                 # 2,718 s alone on a faster 2-core CPU)
     python bench/capacity.py --curve-iters 1800 --sizes 8 --ks 1 10 --pairs all   # one class per student (F_DM)
     python bench/capacity.py --curve-iters 1800 --sizes 8 --ks 1 10 --pairs own   # the same, own pairs (1,908 s with the teacher
                                                  # on a faster 2-core CPU, where --sizes 8 took 2,050 s more and
