@@ -56,6 +56,8 @@ def main(argv=None):
                    help="regression filters to draw (all: F_DM, solid; own: dotted)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(HERE), "docs", "capacity_ladder.png"))
     args = p.parse_args(argv)
+    if len(set(args.pairs)) != len(args.pairs):
+        p.error(f"--pairs must be distinct filters, got {args.pairs}")
     missing = [t for t in args.tables if not os.path.exists(t)]
     if missing:
         p.error(f"--tables: no such file {missing}")
@@ -64,9 +66,9 @@ def main(argv=None):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4.2), layout="constrained")
-    # one series per (filter, K); own pairs' K = 1 is F_DM's K = 1 (one student owns every pair), drawn once
+    # one series per (filter, K); a cell whose runs are the other filter's (own pairs at K = 1) is drawn once, as F_DM
     series = [(reg, K) for reg in args.pairs for K in sorted({k for _, r, k in cells if r == reg})
-              if not (reg == "own" and K == 1 and "all" in args.pairs)]
+              if "all" not in args.pairs or capacity.run_reg(reg, K) == reg]
     colours = {K: f"C{i}" for i, K in enumerate(sorted({K for _, K in series}))}
     for i, (reg, K) in enumerate(series):
         sizes = sorted(s for s, r, k in cells if r == reg and k == K)

@@ -114,7 +114,7 @@ def main(argv=None):
     p.add_argument("--lpips-size", type=int, default=224)
     p.add_argument("--arch", default="", help="overrides of the teacher's preset, e.g. model_channels=32,img_resolution=8")
     p.add_argument("--student-arch", default="", help="a smaller student (G and fake score): overrides of the preset")
-    p.add_argument("--reg-loss", default="lpips", choices=["lpips", "mse"])
+    p.add_argument("--reg-loss", default="lpips", choices=["lpips", "mse"], help="regression loss (Eq. 9): LPIPS-VGG or MSE")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--steps", type=int, default=5, help="warm-up steps, then the same number measured")
     p.add_argument("--parts", action="store_true", help="also time each part of the step alone")
