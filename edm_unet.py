@@ -7,6 +7,15 @@ EDM's, so the `ema` network of `edm-imagenet-64x64-cond-adm.pkl` loads 1:1 (stri
 
     python edm_unet.py --preset XS --summary
     python edm_unet.py --import-edm edm-imagenet-64x64-cond-adm.pkl --out teacher.pt
+
+Presets are MSD Table 7's sizes (B: the teacher, 295,899,267 parameters; S, XS, XXS) and `tiny`
+(ours, 16x16x1 with 10 classes, for CPU tests and demos). The importer never runs code from the
+pickle: a restricted unpickler allows only the globals an EDM snapshot needs (tensor and storage
+rebuilders, OrderedDict, EasyDict, ModuleDict, numpy scalars), replaces EDM's persistence hook
+(which would exec the embedded source) with one that returns its metadata, and refuses anything
+else with an error naming the global. Our own checkpoints are {'config', 'state_dict', ...},
+written atomically and read with torch.load(weights_only=True). Mixed precision is the caller's
+choice (torch.autocast around the call); the preconditioning and c_skip x + c_out F stay float32.
 """
 import argparse
 import ast
@@ -184,7 +193,7 @@ class UNet(nn.Module):
                 self.dec[f"{r}x{r}_block{i}"] = UNetBlock(cin, cout, attention=r in cfg.attn_resolutions, **kw)
         self.out_norm = group_norm(cout)
         self.out_conv = zero_init(nn.Conv2d(cout, cfg.img_channels, 3, padding=1))
-        self.feature_hook = None  # callable(h (B, C, r, r), emb) run on the bottleneck (adm.py)
+        self.feature_hook = None  # callable(h (B, C, r, r), emb) run on the middle block's output (adm.py)
 
     def embed(self, c_noise, labels):
         """Sinusoidal noise embedding (cos first) -> MLP, + label embedding, SiLU. -> (B, E)."""
@@ -207,7 +216,7 @@ class UNet(nn.Module):
             if "_block" in name:
                 x = torch.cat([x, skips.pop()], dim=1)
             x = block(x, emb)
-            if name.endswith("_in0") and self.feature_hook is not None:
+            if name.endswith("_in1") and self.feature_hook is not None:  # the middle block's output
                 self.feature_hook(x, emb)
         return self.out_conv(F.silu(self.out_norm(x)))
 

@@ -3,16 +3,39 @@
     torchrun --nproc_per_node=8 msd.py --partition 0 --num-students 4 --teacher edm.pt --pairs pairs.npz
     python msd.py --stage tsm --preset S --teacher edm.pt --data imagenet.zip ...  # Stage 0 (Eq. 3, tsm.py)
     python msd.py --stage adm --init out/p0/student.pt --data imagenet.zip ...     # Stage 2 (adm.py)
+    python msd.py --plot out/p0 out/p1 ...        # training curves of finished or running runs (curves.py)
 
 Every student is an independent run: K students train in parallel on K machines or one after
 another. Stages (MSD Fig. 2): `tsm` (Eq. 3) pretrains a smaller denoiser; `dm` (Eq. 6 + Eq. 9)
 distils a one-step generator G from it or from the teacher; `adm` adds the GAN of adm.py.
 A run writes to --out: resume-XXXXXXXX.pt (full state, the last two kept), student.pt (the
-generator/denoiser alone, with its `partition`, for sample.py), samples_XXXXXXXX.png, log.jsonl.
+generator/denoiser alone, with its `partition`, for sample.py), samples_XXXXXXXX.png, log.jsonl,
+run.json (stage, partition, batch) and curves.png (curves.py, redrawn at every checkpoint once the
+log holds two rows).
 
 The defaults are the paper's ImageNet-64 recipe (App. D.2: DM 200k steps at batch 128 with
 LPIPS-VGG, whose pretrained weights download on first use): hours on GPUs. For a CPU run in
-minutes, see `python bench/digits.py` and the README's "CPU quick start".
+minutes, see `python bench/digits.py` and the README's "MSD on a CPU".
+
+Loop conventions (all stages). `--precision bf16|fp16|fp32`: autocast around the forwards, one
+GradScaler per optimiser for fp16 only; the preconditioning, the DM gradient's normaliser and the
+loss sums stay float32. `--compile`; TF32 on; DDP under torchrun (NCCL on GPU, gloo on CPU);
+`--micro-batch` accumulates gradients (the global `--batch` is split over ranks first). Every
+random draw of a step is a function of (seed, step, stream) (`step_seed`) and every rank draws the
+global batch and takes its slice, so a resumed run continues bit for bit and the world size
+changes a result only through float summation order (TSM's dropout is seeded per global
+micro-batch, so it too is the same for any world size at the same --micro-batch). Rank 0 logs
+every `--log-every` steps (each loss term, both gradient norms, lr, ms/iter, img/s, skipped steps,
+peak GPU memory) to stdout and log.jsonl, and every `--grad-probe-every` steps each weighted loss
+term's gradient norm on G (for balancing --lambda-reg). A non-finite gradient skips the step;
+`--max-bad-steps` in a row stop the run.
+
+Resume contract. Every `--ckpt-every` steps rank 0 writes resume-XXXXXXXX.pt atomically (temp
+file, then rename; the last two are kept) and student.pt. `--resume` loads the newest file that
+loads: a corrupt or truncated newer one is renamed `.corrupt` once an older one loads; when files
+exist but none loads, the run stops with an error naming them and overwrites nothing; when --out
+holds none, it says so in one line and starts fresh. A resume file of another stage or partition
+is refused.
 """
 import argparse
 import contextlib
@@ -34,6 +57,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import adm
+import curves
 import dmd
 import edm_unet
 import sample
@@ -67,14 +91,16 @@ class Config:  # every comment below is also the flag's --help line
     beta1: float = 0.9                  # AdamW beta1 (App. D.2.1)
     beta2: float = 0.999                # AdamW beta2 (App. D.2.1)
     grad_clip: float = 10.0             # gradient-norm clipping (App. D.2.1)
-    fake_steps_per_gen: int = 1         # mu_fake updates per G update: 1 = the paper's alternation; DMD2's TTUR: 5
-    t_min: int = 20                     # DM/GAN noise levels t >= t_min of the 1000 Karras levels (DMD2: 0.02T)
-    t_max: int = 981                    # DM/GAN: t < t_max (DMD2: 0.98T, 980 included); mu_fake (Eq. 8) draws all 1000
+    fake_steps_per_gen: typing.Optional[int] = None  # mu_fake updates per G update; dm 1 (DMD Alg. 1), adm 5 (DMD2's TTUR, dfake_gen_update_ratio)
+    warmup: typing.Optional[int] = None  # steps of linear lr warm-up from 0 (DMD2's constant_with_warmup); dm 0 (DMD), adm 100 (DMD2's 500 fake updates at 5:1), tsm 0
+    t_min: int = 20                     # DM noise levels t >= t_min of the 1000 Karras levels (DMD2: 0.02T)
+    t_max: int = 981                    # DM: t < t_max (DMD2: 0.98T, 980 included); mu_fake (Eq. 8) draws all 1000
+    gan_t_max: int = 1000               # adm: each GAN input is noised at its own t in [0, gan_t_max) (DMD2's --diffusion_gan_max_timestep)
     P_mean: float = -1.2                # tsm: EDM's log-normal sigma, mean of ln sigma (App. D.2.2)
     P_std: float = 1.2                  # tsm: std of ln sigma (App. D.2.2)
     lambda_gan_g: float = 3e-3          # adm: generator GAN weight (App. D.2.1)
     lambda_gan_d: float = 1e-2          # adm: discriminator GAN weight (App. D.2.1)
-    head_width: int = 256               # adm: channels of the GAN head
+    head_width: int = adm.WIDTH          # adm: channels of the GAN head, a multiple of 32 (DMD2: 768; the paper is silent)
     ema_halflife_kimg: float = 0.0      # EMA of the trained net, half-life in kimg; 0 = off (the paper)
     reg_loss: str = "lpips"             # lpips (App. D.2.1) | mse (the 2-D toy; offline CPU runs)
     lpips_size: int = 224               # LPIPS input size: bilinear upsampling to 224 px (App. D.2.1)
@@ -83,19 +109,19 @@ class Config:  # every comment below is also the flag's --help line
     compile: bool = False               # torch.compile the networks
     channels_last: bool = False         # NHWC weights/activations (pays off with --compile on GPUs)
     device: str = ""                    # cuda | cpu; "" = cuda if available
-    seed: int = 0                       # every random draw is a function of (seed, step)
+    seed: int = 0                       # every random draw is a function of (seed, step); 0 <= seed < 2^19
     log_every: int = 100                # steps between log lines (and log.jsonl rows)
     grad_probe_every: int = 1000        # steps between per-term gradient norms on G; 0 = off
     sample_every: int = 5000            # steps between sample grids
-    ckpt_every: int = 5000              # steps between resume files and student.pt
+    ckpt_every: int = 5000              # steps between resume files, student.pt and curves.png (a draw: 2.1 s for a 200k-step log on a 2-core CPU, under 1% of a run while 5,000 steps take over 210 s)
     max_bad_steps: int = 20             # consecutive non-finite steps before the run stops
     resume: bool = False                # continue from the newest loadable resume-*.pt in --out (fresh if none)
 
 
-STAGE_DEFAULTS = {  # lr, global batch, iterations, lambda_reg
-    "tsm": dict(lr=1e-4, batch=576, iters=400_000, lambda_reg=0.0),   # App. D.2.2 (S students)
-    "dm": dict(lr=2e-6, batch=128, iters=200_000, lambda_reg=0.25),   # App. D.2.1
-    "adm": dict(lr=5e-7, batch=192, iters=150_000, lambda_reg=0.0),   # App. D.2.1; regression dropped as in DMD2
+STAGE_DEFAULTS = {  # MSD App. D.2 where it speaks; its sources where it is silent (fake steps: DMD / DMD2; warm-up: DMD2)
+    "tsm": dict(lr=1e-4, batch=576, iters=400_000, lambda_reg=0.0, fake_steps_per_gen=1, warmup=0),   # App. D.2.2 (S)
+    "dm": dict(lr=2e-6, batch=128, iters=200_000, lambda_reg=0.25, fake_steps_per_gen=1, warmup=0),   # App. D.2.1; DMD Alg. 1
+    "adm": dict(lr=5e-7, batch=192, iters=150_000, lambda_reg=0.0, fake_steps_per_gen=5, warmup=100),  # App. D.2.1; DMD2
 }
 NUM_LEVELS = 1000  # App. D.2.1: 1000 Karras levels in [0.002, 80]
 
@@ -156,11 +182,11 @@ def check_config(cfg):
     if not 0 <= cfg.partition < cfg.num_students:
         raise ValueError(f"--partition {cfg.partition}: expected 0..{cfg.num_students - 1} for --num-students {cfg.num_students}")
     for name in ("lr", "batch", "grad_clip", "fake_steps_per_gen", "log_every", "sample_every", "ckpt_every",
-                 "lpips_size", "head_width", "P_std"):
+                 "lpips_size", "P_std"):
         if not getattr(cfg, name) > 0:
             raise ValueError(f"{flag(name)} {getattr(cfg, name)}: expected > 0")
     for name in ("iters", "lambda_reg", "micro_batch", "weight_decay", "ema_halflife_kimg", "grad_probe_every",
-                 "max_bad_steps", "lambda_gan_g", "lambda_gan_d"):
+                 "max_bad_steps", "lambda_gan_g", "lambda_gan_d", "warmup"):
         if not getattr(cfg, name) >= 0:
             raise ValueError(f"{flag(name)} {getattr(cfg, name)}: expected >= 0")
     for name in ("beta1", "beta2"):
@@ -168,6 +194,17 @@ def check_config(cfg):
             raise ValueError(f"{flag(name)} {getattr(cfg, name)}: expected in [0, 1)")
     if not 0 <= cfg.t_min < cfg.t_max <= NUM_LEVELS:
         raise ValueError(f"--t-min {cfg.t_min} / --t-max {cfg.t_max}: expected 0 <= t_min < t_max <= {NUM_LEVELS}")
+    if not 0 < cfg.gan_t_max <= NUM_LEVELS:
+        raise ValueError(f"--gan-t-max {cfg.gan_t_max}: expected 1..{NUM_LEVELS}")
+    if not 0 <= cfg.seed < 2 ** 19:
+        raise ValueError(f"--seed {cfg.seed}: expected 0 <= seed < {2 ** 19} (the seed is a bit field of step_seed)")
+    if cfg.iters >= 2 ** 32 or cfg.fake_steps_per_gen > MAX_FAKE_STEPS:
+        raise ValueError(f"--iters {cfg.iters} / --fake-steps-per-gen {cfg.fake_steps_per_gen}: expected "
+                         f"< 2^32 / <= {MAX_FAKE_STEPS} (each has a bit field of step_seed)")
+    adm.check_width(cfg.head_width)
+    if cfg.stage == "adm" and cfg.lambda_reg:
+        raise ValueError(f"--lambda-reg {cfg.lambda_reg} with --stage adm: the ADM stage has no regression term "
+                         f"(MSD Sec. 3.2 and DMD2 drop it); use --lambda-reg 0, or add the GAN to a DM run yourself")
     for name, allowed in CHOICES.items():
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"{flag(name)} {getattr(cfg, name)!r}: expected one of {allowed}")
@@ -213,6 +250,9 @@ def setup_dist(cfg):
     micro = cfg.micro_batch or per_rank
     if per_rank % micro:
         raise ValueError(f"--micro-batch {micro} does not divide the per-rank batch {per_rank}")
+    if cfg.batch // micro > MAX_STREAM - DROPOUT_STREAM:
+        raise ValueError(f"--batch {cfg.batch} in micro-batches of {micro}: expected at most "
+                         f"{MAX_STREAM - DROPOUT_STREAM} micro-batches per step (a bit field of step_seed)")
     return rank, world, device, per_rank, micro
 
 
@@ -253,6 +293,10 @@ def load_pairs(cfg, partition, model_cfg, device):
         raise ValueError(f"{cfg.pairs}: images {p['images'].shape[1:]} / labels < {p['labels'].max() + 1} do not fit "
                          f"the model ({want}, {model_cfg.label_dim} classes)")
     keep = np.isin(p["labels"], partition) if cfg.reg_pairs == "own" else np.ones(len(p["labels"]), bool)
+    if not keep.any():
+        raise ValueError(f"--reg-pairs own: {cfg.pairs} holds no pair of partition {cfg.partition} (classes "
+                         f"{partition if len(partition) <= 20 else partition[:10] + ['...']}); use --reg-pairs all "
+                         f"or a paired set with more seeds")
     return (torch.from_numpy(p["noise"][keep]).to(device), torch.from_numpy(p["labels"][keep]).to(device),
             sample.from_uint8(torch.from_numpy(p["images"][keep]).to(device)))
 
@@ -306,7 +350,7 @@ def setup(cfg):
         real=real, lpips_fn=lpips_fn, classes=torch.tensor(partition, device=device),
         sigmas=dmd.karras_sigmas(NUM_LEVELS).to(device), n_pairs=len(pairs[0]) if pairs is not None else 0,
         n_real=len(real) if real is not None else 0, step=0, skipped=0, bad=0, log=None, terms_acc={},
-        t_last=time.time(), n_last=0)
+        t_last=time.time(), n_last=0, lr=cfg.lr)
     if cfg.resume:
         resume(r)
     # DDP for the nets that train (after resume: DDP broadcasts rank 0's weights), then torch.compile
@@ -317,6 +361,10 @@ def setup(cfg):
     r.critic_train = wrap(critic) if critic is not None else None
     r.G = edm_unet.OneStep(r.net_train)  # G(z, y) = D(80 z, 80, y)
     os.makedirs(cfg.out, exist_ok=True)
+    if r.master:  # what curves.py needs to label and scale the run
+        with open(os.path.join(cfg.out, "run.json"), "w") as f:
+            json.dump({"stage": cfg.stage, "partition": cfg.partition, "num_students": cfg.num_students,
+                       "classes": partition, "batch": cfg.batch}, f)
     return r
 
 
@@ -331,15 +379,35 @@ def no_sync(r, model, i):
 
 # ----------------------------------------------------------------------------- one step's randomness
 
+MAX_FAKE_STEPS = 255    # streams 1..255: the fake score's extra batches (DMD2's TTUR)
+DROPOUT_STREAM = 256    # streams 256 + i: dropout of global micro-batch i (tsm)
+MAX_STREAM = 4096       # streams are a 12-bit field
+
+
+def step_seed(seed, step, stream):
+    """One 64-bit seed per (seed, step, stream), never the same for two triples.
+
+    Stream 0 is G's batch, 1 + j the fake score's j-th extra batch, DROPOUT_STREAM + i the dropout
+    of micro-batch i. The compact form seed * 1_000_003 + 16 step + stream is one-to-one while
+    stream < 16 and step < 62,500 (every measured result in the docs drew from it); outside that
+    range the seed is 2^63 + bit fields (seed: 19 bits, step: 32, stream: 12), above every compact
+    value. check_config bounds --seed, --iters and --fake-steps-per-gen to fit.
+    """
+    if stream < 16 and step < 62_500:
+        return seed * 1_000_003 + 16 * step + stream
+    return (1 << 63) | (seed << 44) | (step << 12) | stream
+
+
 def rng(cfg, step, stream, device):
     """All randomness of a step comes from (seed, step, stream): a resumed run draws what an
     uninterrupted one would, and every rank draws the same *global* batch, then takes its slice."""
-    return torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step * 16 + stream)
+    return torch.Generator(device).manual_seed(step_seed(cfg.seed, step, stream))
 
 
 def draw_batch(r, step, stream, with_pairs=True):
     """The whole global batch of one update: z, y, t and noise for G (Eq. 6), the fake score's own t
-    and noise (Eq. 8, all levels as in DMD Alg. 1), pair and real-image indices."""
+    and noise (Eq. 8, all levels as in DMD Alg. 1), pair and real-image indices; adm: a t and a noise
+    for each GAN input (G's term, D's fake and real), t < --gan-t-max, as DMD2's compute_cls_logits."""
     cfg, B, shape, dev = r.cfg, r.cfg.batch, r.shape, r.device
     g = rng(cfg, step, stream, dev)
     b = {"z": torch.randn((B, *shape), generator=g, device=dev),                          # (B, C, H, W)
@@ -354,7 +422,10 @@ def draw_batch(r, step, stream, with_pairs=True):
         b["pair_idx"] = torch.randint(r.n_pairs, (B,), generator=g, device=dev)
     if r.n_real:
         b["real_idx"] = torch.randint(r.n_real, (B,), generator=g, device=dev)
-        b["noise_real"] = torch.randn((B, *shape), generator=g, device=dev)
+    if cfg.stage == "adm":
+        for k in ("gan", "gan_fake", "gan_real"):
+            b["sigma_" + k] = dmd.sample_sigma(B, r.sigmas, 0, cfg.gan_t_max, g)
+            b["noise_" + k] = torch.randn((B, *shape), generator=g, device=dev)
     return b
 
 
@@ -385,25 +456,28 @@ def generator_losses(cfg, G, teacher, fake, critic, lpips_fn, b, pairs):
     else:
         x = G(b["z"], b["y"])
     terms["dm"] = dmd.dm_step_loss(x, b["sigma"], b["y"], teacher, fake, b["noise"])
-    if cfg.stage == "adm":  # non-saturating GAN loss through the (frozen here) critic
-        x_t = x + dmd._bcast(b["sigma"], x) * b["noise"]
-        terms["gan_g"] = adm.gan_g_loss(critic(x_t, b["sigma"], b["y"])[1])
+    if cfg.stage == "adm":  # non-saturating GAN loss through the (frozen here) critic, at its own sigma
+        x_t = x + dmd._bcast(b["sigma_gan"], x) * b["noise_gan"]
+        terms["gan_g"] = adm.gan_g_loss(critic(x_t, b["sigma_gan"], b["y"])[1])
     return terms, x
 
 
 def critic_losses(cfg, critic, x, b, sigma_data, real=None):
     """mu_fake's denoising loss on detached G samples (Eq. 8) [+ the GAN discriminator loss (adm)].
 
-    adm: real images and G samples are noised at the same sigma and go through one critic forward.
+    adm: one critic forward over three blocks, each noised at its own sigma as in DMD2: G's samples
+    for Eq. 8 (all levels), G's samples and real images for D (t < --gan-t-max).
     """
     sigma, noise = b["sigma_fake"], b["noise_fake"]
     if cfg.stage == "dm":
         return {"fake": dmd.denoise_loss(critic, x, sigma, b["y"], sigma_data, noise)}
-    n, sigma2 = len(x), torch.cat([sigma, sigma])
-    x_t = torch.cat([x, real[0]]) + dmd._bcast(sigma2, x) * torch.cat([noise, b["noise_real"]])
-    denoised, logits = critic(x_t, sigma2, torch.cat([b["y"], real[1]]))
+    n = len(x)
+    x0 = torch.cat([x, x, real[0]])                                                    # (3B, C, H, W)
+    sigmas = torch.cat([sigma, b["sigma_gan_fake"], b["sigma_gan_real"]])
+    x_t = x0 + dmd._bcast(sigmas, x0) * torch.cat([noise, b["noise_gan_fake"], b["noise_gan_real"]])
+    denoised, logits = critic(x_t, sigmas, torch.cat([b["y"], b["y"], real[1]]))
     return {"fake": dmd.weighted_error(denoised[:n], x, sigma, sigma_data),
-            "gan_d": adm.gan_d_loss(logits[:n], logits[n:])}
+            "gan_d": adm.gan_d_loss(logits[n:2 * n], logits[2 * n:])}
 
 
 def loss_weights(cfg):
@@ -446,7 +520,8 @@ def update_generator(r, b_gen):
         r.critic.requires_grad_(False)  # the GAN term's gradient goes through the critic into G only
     for i, b in micro_batches(r, b_gen):
         with no_sync(r, r.net_train, i), amp(cfg, r.device):
-            if cfg.stage == "tsm":
+            if cfg.stage == "tsm":  # dropout: a function of (seed, step, global micro-batch), not of the rank count
+                torch.manual_seed(step_seed(cfg.seed, r.step, DROPOUT_STREAM + r.rank * r.accum + i))
                 x, y = real_batch(r.real, b["real_idx"], r.device)
                 target = r.teacher_f if cfg.target == "teacher" else None
                 terms = {"tsm": tsm.tsm_loss(r.net_train, target, x, b["sigma"], y, r.sigma_data, b["noise"])}
@@ -487,10 +562,19 @@ def update_fake_score(r, b_gen, xs, step):
     return terms_sum, ok
 
 
+def warmup_lr(r, step):
+    """DMD2's constant_with_warmup: lr * min(1, step / warmup) for both optimisers (a function of step)."""
+    lr = r.cfg.lr * min(1.0, step / r.cfg.warmup) if r.cfg.warmup else r.cfg.lr
+    for opt in (r.opt_net, r.opt_critic):
+        for group in opt.param_groups if opt is not None else ():
+            group["lr"] = lr
+    return lr
+
+
 def train(cfg):
     r = setup(cfg)
     for step in range(r.step, cfg.iters):
-        torch.manual_seed(cfg.seed * 7919 + step * 131 + r.rank)  # dropout (tsm): a pure function of the step
+        r.lr = warmup_lr(r, step)
         b = draw_batch(r, step, 0)                        # z, y, t, noise: a function of (seed, step)
         g_terms, xs, ok = update_generator(r, b)          # Alg. 1 l.5-9: Eq. 6 + lambda_reg Eq. 9 [+ GAN]; tsm: Eq. 3
         f_terms, ok_f = update_fake_score(r, b, xs, step) if r.critic is not None else ({}, True)  # l.10-12: Eq. 8 [+ D]
@@ -499,7 +583,7 @@ def train(cfg):
         dist.barrier()
         dist.destroy_process_group()
     return {"step": r.step, "log": r.log, "partition": r.partition, "skipped": r.skipped,
-            "net": r.net, "fake": r.fake, "head": r.head, "teacher": r.teacher}
+            "net": r.net, "ema": r.ema, "fake": r.fake, "head": r.head, "teacher": r.teacher}
 
 
 # ----------------------------------------------------------------------------- logging and checkpoints
@@ -515,7 +599,8 @@ def log_and_checkpoint(r, step, b_gen, terms, ok):
         if r.master:
             dt, n = time.time() - r.t_last, step - r.n_last
             r.log = {"step": step, **{k: float(f"{float(v) / n:.4g}") for k, v in r.terms_acc.items()},
-                     "ms_per_iter": round(1000 * dt / n, 1), "img_per_s": round(cfg.batch * n / dt, 1), "skipped": r.skipped}
+                     "lr": float(f"{r.lr:.4g}"), "ms_per_iter": round(1000 * dt / n, 1),
+                     "img_per_s": round(cfg.batch * n / dt, 1), "skipped": r.skipped}
             if r.device.type == "cuda":
                 r.log["peak_gib"] = round(torch.cuda.max_memory_allocated(r.device) / 2 ** 30, 2)
             print(" ".join(f"{k} {v}" for k, v in r.log.items()), flush=True)
@@ -540,6 +625,9 @@ def log_and_checkpoint(r, step, b_gen, terms, ok):
                                 "ema": r.ema.state_dict() if r.ema is not None else None})
         edm_unet.save_model(r.ema or r.net, os.path.join(out, "student.pt"), partition=r.partition,
                             stage=cfg.stage, step=step, sigma_max=80.0)
+        log_path = os.path.join(out, "log.jsonl")
+        if os.path.exists(log_path) and sum(1 for _ in open(log_path)) >= 2:  # a curve needs two points
+            curves.plot([out], os.path.join(out, "curves.png"))
 
 
 def save_resume(cfg, step, state, keep=2):
@@ -646,13 +734,16 @@ def parse_args(argv=None):
         if kind[0] is bool:
             p.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default, help=text)
         else:
-            shown = "the stage's paper value" if f.default is None else repr(f.default) if f.default == "" else f.default
+            shown = "by stage, as listed" if f.default is None else repr(f.default) if f.default == "" else f.default
             p.add_argument(name, type=kind[0], default=f.default, choices=CHOICES.get(f.name),
                            help=f"{text} (default: {shown})".replace("%", "%%"))
     return Config(**vars(p.parse_args(argv)))
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--plot"]:  # python msd.py --plot FOLDER [FOLDER ...] [--out FILE]
+        return curves.main(argv[1:])
     return train(parse_args(argv))
 
 

@@ -18,7 +18,7 @@ CUDA generators on a GPU, so its GPU images differ from its CPU ones; ours are t
 
 Paired-set file (`.npz`): `seeds` (N,) int64, `labels` (N,) int64, `noise` (N, C, H, W) float32
 (the unit-variance z; the teacher starts from z * sigma_max), `images` (N, C, H, W) uint8
-(teacher output x in [-1, 1] stored as round(127.5 x + 128) clipped to [0, 255], EDM's PNG mapping).
+(teacher output x in [-1, 1] stored as floor(127.5 x + 128) clipped to [0, 255], EDM's PNG mapping).
 
 A student checkpoint is an edm_unet checkpoint with a `partition` entry: the classes it owns.
 """
@@ -408,22 +408,32 @@ def generate_pairs(D, seeds, out, batch, sample_kw, rank=0, world=1, device="cpu
     return True
 
 
+PAIRS_LAYOUT = ("an .npz of plain arrays seeds (N,) int64, labels (N,) int64, noise (N, C, H, W) float32, "
+                "images (N, C, H, W) uint8")
+
+
 def load_pairs(path):
-    """Read a paired-set file (no pickles); a clear error naming the file when it is not one."""
+    """Read a paired-set file (no pickles); a clear error naming the file when it is not one.
+
+    The error says what the file should be and never passes on numpy's own hint, which suggests
+    loading the file with allow_pickle: an untrusted pickle runs code."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"paired set {path!r} does not exist")
+
+    def refuse(why):
+        return ValueError(f"{path!r} is not a paired-set file from `sample.py pairs` ({why}); expected {PAIRS_LAYOUT}")
     try:
         data = np.load(path, allow_pickle=False)
         files = data.files
     except Exception as e:
-        raise ValueError(f"{path!r} is not a paired-set file from `sample.py pairs` ({type(e).__name__}: {e})") from None
+        raise refuse("it holds pickled objects" if "pickle" in str(e) else f"not an .npz archive: {type(e).__name__}") from None
     for k in ("seeds", "labels", "noise", "images"):
         if k not in files:
-            raise ValueError(f"{path!r} is not a paired-set file from `sample.py pairs` (no {k!r} array)")
+            raise refuse(f"no {k!r} array")
     try:
         return {k: data[k] for k in files}
     except Exception as e:
-        raise ValueError(f"{path!r} is not a paired-set file from `sample.py pairs` ({type(e).__name__}: {e})") from None
+        raise refuse("it holds pickled objects" if "pickle" in str(e) else f"an unreadable array: {type(e).__name__}") from None
 
 
 # ----------------------------------------------------------------------------- CLI

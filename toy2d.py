@@ -73,7 +73,7 @@ class DistillConfig:
     lambda_reg: float = 10.0      # regression weight (MSE in 2-D in place of LPIPS); measured on the toy, see README
     reg_pairs: str = "own"        # 'own': pairs of the student's classes; 'all': whole paired set (MSD F_DM)
     # App. D.1: "only sample the first 750 of the 1000 steps". We read "first" in DMD's
-    # t-indexing, where t = 0 is the *lowest* noise: t in [0, 750) -> sigma in [0.002, 17.7].
+    # t-indexing, where t = 0 is the *lowest* noise: t in [0, 750) -> sigma in [0.002, 17.50] (sigma[749]).
     t_min: int = 0                # DM noise levels t in [t_min, t_max) of num_levels (App. D.1: the first 750)
     t_max: int = 750              # DM noise levels: t < t_max (App. D.1: 750 of 1000)
     fake_lr: float = 0.0          # mu_fake's learning rate; 0 = --lr (the paper uses one lr)
@@ -295,8 +295,15 @@ def ema_update(ema, model, decay):
             p.lerp_(q, 1 - decay)
 
 
-def distill_dmd(teacher, own, pairs, dc, log_every=500):
-    """MSD DM stage for S stacked students at once (DMD Alg. 1): Eq. 6 + lambda_reg * Eq. 9, and Eq. 8."""
+def per_student(values, S):
+    """Per-row values (S*N, ...) -> the mean of each student's rows, (S,) as a list."""
+    return values.reshape(S, -1).mean(1).tolist()
+
+
+def distill_dmd(teacher, own, pairs, dc, log_every=500, curve_every=100):
+    """MSD DM stage for S stacked students at once (DMD Alg. 1): Eq. 6 + lambda_reg * Eq. 9, and Eq. 8.
+    -> (G, last logged means, curve: every `curve_every` steps each student's DM, regression and
+    fake-score loss, measured on that step's batch without touching the training's random draws)."""
     cfg, S, B = teacher.cfg, len(own.groups), dc.batch
     G = stack_copies(teacher, S)
     G_ema = copy.deepcopy(G).requires_grad_(False) if dc.ema else G
@@ -307,8 +314,9 @@ def distill_dmd(teacher, own, pairs, dc, log_every=500):
     sigmas = dmd.karras_sigmas(cfg.num_levels, cfg.sigma_min, cfg.sigma_max)  # ascending, (1000,)
     z_pair, y_pair, x_pair = pairs
     table, count = pair_index(y_pair, own, dc.reg_pairs)
-    mean = RunningMean()
+    mean, curve = RunningMean(), []
     for it in (bar := tqdm(range(dc.iters), desc=f"dmd x{S}", mininterval=1)):
+        record = (it + 1) % curve_every == 0 or it == dc.iters - 1
         # generator update: DM gradient (Eq. 6) + regression on the paired set (Eq. 9)
         y = own.labels(B)  # (S, B)
         z = torch.randn(S, B, 2)
@@ -318,8 +326,15 @@ def distill_dmd(teacher, own, pairs, dc, log_every=500):
         out = G.generate(torch.cat([z, z_pair[idx]], 1).reshape(-1, 2), torch.cat([y, y_pair[idx]], 1).reshape(-1))
         x, x_reg = out.view(S, 2 * B, 2).split(B, 1)  # (S, B, 2) each
         x, y = x.reshape(-1, 2), y.reshape(-1)  # (S*B, 2), (S*B,)
-        loss_dm = dmd.dm_step_loss(x, sigma, y, teacher, mu_fake)
+        noise = torch.randn_like(x)  # the draw dm_step_loss makes itself; kept for the curve
+        loss_dm = dmd.dm_step_loss(x, sigma, y, teacher, mu_fake, noise)
         loss_reg = dmd.regression_loss(x_reg.reshape(-1, 2), x_pair[idx].reshape(-1, 2))
+        if record:
+            with torch.no_grad():  # per student: 0.5 grad^2 of Eq. 6 (dm_loss's value), Eq. 9's squared error
+                x_t = x + sigma[:, None] * noise
+                grad = dmd.dm_grad(x, teacher(x_t, sigma, y), mu_fake(x_t, sigma, y))
+                row = dict(step=it + 1, dm=per_student(0.5 * grad ** 2, S),
+                           reg=per_student((x_reg - x_pair[idx]) ** 2, S))
         loss_G = S * (loss_dm + dc.lambda_reg * loss_reg)  # sum over students of per-student means
         opt_G.zero_grad(set_to_none=True)
         loss_G.backward()
@@ -332,7 +347,14 @@ def distill_dmd(teacher, own, pairs, dc, log_every=500):
                 with torch.no_grad():
                     x = G.generate(torch.randn(S * B, 2), y)
             sigma_f = dmd.sample_sigma(S * B, sigmas, 0, cfg.num_levels)
-            loss_fake = S * dmd.denoise_loss(mu_fake, x.detach(), sigma_f, y, cfg.sigma_data)
+            noise_f = torch.randn_like(x)  # the draw denoise_loss makes itself
+            loss_fake = S * dmd.denoise_loss(mu_fake, x.detach(), sigma_f, y, cfg.sigma_data, noise_f)
+            if record and j == 0:
+                with torch.no_grad():  # per student: Eq. 8's weighted squared error, before mu_fake's step
+                    x_t = x.detach() + sigma_f[:, None] * noise_f
+                    err = (mu_fake(x_t, sigma_f, y) - x.detach()) ** 2
+                    row["fake"] = per_student(dmd.edm_weight(sigma_f, cfg.sigma_data)[:, None] * err, S)
+                    curve.append(row)
             opt_fake.zero_grad(set_to_none=True)
             loss_fake.backward()
             opt_fake.step()
@@ -344,14 +366,15 @@ def distill_dmd(teacher, own, pairs, dc, log_every=500):
         if (it + 1) % log_every == 0 or it == dc.iters - 1:
             last = mean.report()
             bar.set_postfix({k: f"{v:.2e}" for k, v in last.items()})
-    return G_ema.eval().requires_grad_(False), last
+    return G_ema.eval().requires_grad_(False), last, curve
 
 
-def distill_cd(teacher, own, dc, log_every=500):
+def distill_cd(teacher, own, dc, log_every=500, curve_every=100):
     """Consistency distillation (Song et al. 2023, Alg. 2) of S stacked students on their own classes.
 
     One teacher Heun step from sigma_{n+1} to sigma_n; loss ||f(x_{n+1}) - f_ema(x_hat_n)||^2;
     the target f_ema is an EMA of the student; boundary parametrisation f(x, sigma_min) = x.
+    -> (f_ema, last logged means, curve: every `curve_every` steps each student's CD loss).
     """
     cfg, S, B = teacher.cfg, len(own.groups), dc.batch
     f = stack_copies(teacher, S, boundary=True)
@@ -359,7 +382,7 @@ def distill_cd(teacher, own, dc, log_every=500):
     opt = torch.optim.AdamW(f.parameters(), lr=dc.lr, weight_decay=0.01, betas=(0.9, 0.999))
     lr_sched = schedule([opt], dc)
     sigmas = dmd.karras_sigmas(dc.cd_steps, cfg.sigma_min, cfg.sigma_max)  # ascending, (N,)
-    mean = RunningMean()
+    mean, curve = RunningMean(), []
     for it in (bar := tqdm(range(dc.iters), desc=f"cd x{S}", mininterval=1)):
         y = own.labels(B).reshape(-1)
         x0 = sample_data(y, cfg)
@@ -372,7 +395,10 @@ def distill_cd(teacher, own, dc, log_every=500):
             d2 = (x_eul - teacher(x_eul, s_lo, y)) / s_lo[:, None]
             x_lo = x_hi + (s_lo - s_hi)[:, None] * 0.5 * (d + d2)
             target = f_ema(x_lo, s_lo, y)
-        loss = S * ((f(x_hi, s_hi, y) - target) ** 2).sum(1).mean()
+        per_row = ((f(x_hi, s_hi, y) - target) ** 2).sum(1)  # (S*B,)
+        loss = S * per_row.mean()
+        if (it + 1) % curve_every == 0 or it == dc.iters - 1:
+            curve.append(dict(step=it + 1, cd=per_student(per_row.detach(), S)))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -383,7 +409,7 @@ def distill_cd(teacher, own, dc, log_every=500):
         if (it + 1) % log_every == 0 or it == dc.iters - 1:
             last = mean.report()
             bar.set_postfix(cd=f"{last['cd']:.2e}")
-    return f_ema.eval(), last
+    return f_ema.eval(), last, curve
 
 
 @torch.no_grad()
@@ -442,6 +468,35 @@ def plot(path, teacher_x, panels, ks, l1, floor, method):
     ax[-1].legend(fontsize=8)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def loss_curves_per_k(curve, ks):
+    """Each K's students averaged: {term: {K: (steps, values)}} from the per-student curve."""
+    terms = [t for t in curve[0] if t != "step"] if curve else []
+    out, start = {t: {} for t in terms}, 0
+    for k in ks:
+        for t in terms:
+            out[t][k] = ([r["step"] for r in curve], [float(np.mean(r[t][start:start + k])) for r in curve])
+        start += k
+    return out
+
+
+def plot_losses(path, per_k):
+    """The students' training losses per K (one panel per term, one line per K): is it still falling?"""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = {"dm": "DM loss (Eq. 6)", "reg": "regression loss (Eq. 9)", "fake": "fake-score loss (Eq. 8)",
+             "cd": "consistency loss"}
+    fig, ax = plt.subplots(1, len(per_k), figsize=(3.6 * len(per_k), 3.0), layout="constrained", squeeze=False)
+    for a, (term, lines) in zip(ax[0], per_k.items()):
+        for k, (steps, values) in lines.items():
+            a.plot(steps, values, label=f"K = {k} (mean over its students)")
+        a.set_yscale("log"), a.set_xlabel("step"), a.set_title(names.get(term, term), fontsize=10)
+    ax[0][0].legend(fontsize=8)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return [a.get_title() for a in ax[0]]
 
 
 # ----------------------------------------------------------------------------- main
@@ -517,9 +572,9 @@ def main(argv=None):
     own = Ownership(groups)
     torch.manual_seed(cfg.seed + 2)
     if dc.method == "dmd":
-        G, losses = distill_dmd(teacher, own, (z_pair, y_pair, x_pair), dc)
+        G, losses, curve = distill_dmd(teacher, own, (z_pair, y_pair, x_pair), dc)
     else:
-        G, losses = distill_cd(teacher, own, dc)
+        G, losses, curve = distill_cd(teacher, own, dc)
     x_all, y_all = sample_students(G, own, n, torch.Generator().manual_seed(cfg.seed + 3))  # (S, n, 2), (S, n)
 
     l1, spots, panels, start = [], [], [], 0
@@ -539,8 +594,12 @@ def main(argv=None):
         print(f"K={k:<2d} students: l1 to teacher = {v:.3f}  on-mode {m:.3f}")
     fig_path = os.path.join(args.out, f"toy2d_{dc.method}.png")
     plot(fig_path, ref_a, panels, ks, l1, floor, dc.method)
-    print(f"figure: {fig_path}\nwall time: {time.time() - t0:.1f} s")
-    return dict(ks=ks, l1=l1, on_mode=spots, floor=floor, figure=fig_path, losses=losses)
+    per_k = loss_curves_per_k(curve, ks)
+    loss_path = os.path.join(args.out, f"toy2d_{dc.method}_losses.png")
+    plot_losses(loss_path, per_k)
+    print(f"figures: {fig_path}, {loss_path} (training losses per K)\nwall time: {time.time() - t0:.1f} s")
+    return dict(ks=ks, l1=l1, on_mode=spots, floor=floor, figure=fig_path, losses=losses, loss_curves=per_k,
+                loss_figure=loss_path)
 
 
 if __name__ == "__main__":

@@ -21,33 +21,25 @@ def test_gan_head_gives_one_logit_per_image(preset, res):
         assert head(h).shape == (5,)
 
 
-def test_gradients_reach_head_and_fake_encoder_not_teacher():
+def test_gan_gradient_reaches_head_encoder_and_middle_block_only():
+    """The head reads the middle block's output: a GAN loss trains the head, the encoder and `_in0`/`_in1`,
+    and leaves every later decoder block and the output layer without gradient."""
     torch.manual_seed(0)
-    teacher, fake = edm_unet.build("tiny").eval(), edm_unet.build("tiny").eval()
-    teacher.requires_grad_(False)
+    fake = edm_unet.build("tiny").eval()
     with torch.no_grad():
         for p in fake.parameters():
             p.normal_(0, 0.02)
-    critic = adm.FakeWithHead(fake, adm.init_head(fake))
+    critic = adm.FakeWithHead(fake, adm.init_head(fake, width=32))
     x, sigma, y = torch.randn(3, 1, 16, 16), torch.tensor([0.3, 1.0, 5.0]), torch.tensor([0, 1, 2])
     denoised, logits = critic(x, sigma, y)
     assert logits.shape == (3,) and denoised.shape == x.shape and fake.model.feature_hook is None
-    (adm.gan_d_loss(logits, -logits) + teacher(x, sigma, y).sum() * 0).backward()
+    adm.gan_d_loss(logits, -logits).backward()
+    grad = lambda prefix: sum(float(p.grad.abs().sum()) for n, p in fake.named_parameters()
+                              if n.startswith(prefix) and p.grad is not None)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in critic.head.parameters())
-    enc = [p for n, p in fake.named_parameters() if n.startswith("model.enc.")]
-    assert sum(p.grad.abs().sum() for p in enc) > 0
-    assert all(p.grad is None for p in teacher.parameters())
-
-
-def test_generator_gan_loss_pushes_the_discriminator_up():
-    w = torch.randn(8)
-    x = torch.randn(16, 8, requires_grad=True)
-    D = lambda v: v @ w
-    before = D(x).mean().item()
-    adm.gan_g_loss(D(x)).backward()
-    with torch.no_grad():
-        x -= 0.1 * x.grad
-    assert D(x).mean().item() > before
+    assert grad("model.enc.") > 0 and grad("model.dec.8x8_in0.") > 0 and grad("model.dec.8x8_in1.") > 0
+    for later in ("model.dec.8x8_block", "model.dec.16x16", "model.out_"):
+        assert grad(later) == 0, later
 
 
 def test_tsm_loss_zero_for_the_teacher_itself_and_decreases_for_a_tiny_student():
@@ -108,3 +100,20 @@ def test_smaller_student_tsm_then_dm(files, data, tmp_path):  # noqa: F811
                   *common(tmp_path / "dm")])
     assert d["net"].cfg.model_channels == 32 and d["fake"].cfg.model_channels == 32  # both from TSM (App. D.2.2)
     assert np.isfinite(d["log"]["dm"])
+
+
+def test_head_reads_the_middle_block_output_and_has_dmd2s_layout():
+    """MSD App. D.2.1: the head sits on the middle block (EDM's `_in0` + `_in1`); DMD2: 768 wide, GroupNorm
+    and SiLU after the stride-4 convolution too."""
+    torch.manual_seed(0)
+    fake = edm_unet.build("tiny").eval()
+    marker = torch.full((2, 128, 8, 8), 7.0)
+    fake.model.dec["8x8_in1"].forward = lambda x, emb: marker  # the middle block's last block
+    feats = []
+    fake.model.feature_hook = lambda h, emb: feats.append(h)
+    fake(torch.randn(2, 1, 16, 16), torch.tensor([1.0, 2.0]), torch.tensor([0, 1]))
+    assert len(feats) == 1 and torch.equal(feats[0], marker)
+    head = adm.GANHead.for_denoiser(fake)
+    kinds = [type(m).__name__ for m in head.net]
+    assert kinds == ["Conv2d", "GroupNorm", "SiLU", "Conv2d", "GroupNorm", "SiLU", "Flatten", "Linear"]
+    assert head.net[0].out_channels == 768 == adm.WIDTH and head.net[3].kernel_size == (4, 4) == head.net[3].stride

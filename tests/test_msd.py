@@ -1,7 +1,9 @@
 """msd.py: partitions, the DM step, frozen teacher, resume, torchrun equivalence, bad input, NaN skips."""
 import glob
+import json
 import os
 import re
+import socket
 import subprocess
 import sys
 
@@ -29,6 +31,13 @@ def files(tmp_path_factory):
     edm_unet.save_model(D, d / "teacher.pt")
     sample.generate_pairs(D.eval(), list(range(16)), str(d / "pairs.npz"), 8, dict(num_steps=2))
     return d
+
+
+def free_port():
+    """A TCP port free right now, for torchrun's rendezvous: two test runs on one machine must not collide."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def args(files, out, *extra):
@@ -125,6 +134,11 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(files, tmp_path, monkeyp
         terms, x = real(*a, **k)
         return {**terms, "dm": terms["dm"] * float("nan")}, x
     monkeypatch.setattr(msd, "generator_losses", poisoned)
+    r = msd.main(args(files, tmp_path / "s", "--iters", "3", "--max-bad-steps", "5"))  # skipped, not applied
+    assert r["skipped"] == 3 and r["log"]["skipped"] == 3
+    start = edm_unet.load_model(files / "teacher.pt")[0].state_dict()
+    for k, v in r["net"].state_dict().items():
+        assert torch.equal(v, start[k]), k  # G never took a step: no NaN reached its weights
     with pytest.raises(RuntimeError, match="3 non-finite steps in a row at step 3"):
         msd.main(args(files, tmp_path / "n", "--iters", "5", "--max-bad-steps", "2"))
 
@@ -132,7 +146,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(files, tmp_path, monkeyp
 def test_two_process_torchrun_equals_one_process(files, tmp_path):
     one = msd.main(args(files, tmp_path / "one", "--iters", "2", "--micro-batch", "1"))  # accumulation path
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518",
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
                     os.path.join(ROOT, "msd.py"), *args(files, tmp_path / "two", "--iters", "2")],
                    check=True, env=env, cwd=ROOT, capture_output=True, timeout=600)
     two, _ = edm_unet.load_model(tmp_path / "two" / "student.pt")
@@ -233,3 +247,129 @@ def test_no_two_project_files_import_each_other():
         return seen
     assert not [m for m in mods if m in reach(m, set())], graph
     assert "msd" not in graph["tsm"]
+
+
+def adm_batch(batch=4096, gan_t_max=1000):
+    import types
+    cfg = msd.Config(stage="adm", batch=batch, gan_t_max=gan_t_max)
+    r = types.SimpleNamespace(cfg=cfg, shape=(1, 2, 2), device=torch.device("cpu"), classes=torch.arange(3),
+                              sigmas=dmd.karras_sigmas(1000), n_pairs=0, n_real=5)
+    return r, msd.draw_batch(r, step=0, stream=0)
+
+
+def test_each_gan_input_is_noised_at_its_own_level_as_dmd2():
+    """DMD2's compute_cls_logits draws t in [0, gan_t_max) anew for G's term and for D's fake and real inputs."""
+    r, b = adm_batch()
+    for k in ("sigma_gan", "sigma_gan_fake", "sigma_gan_real"):
+        assert b[k].min() == r.sigmas[0] and b[k].max() == r.sigmas[999], k
+    assert not torch.equal(b["sigma_gan"], b["sigma"]) and not torch.equal(b["sigma_gan_fake"], b["sigma_gan_real"])
+    assert adm_batch(gan_t_max=10)[1]["sigma_gan"].max() == r.sigmas[9]
+    seen = []
+
+    def critic(x_t, sigma, y):  # records what the GAN terms feed the discriminator
+        seen.append((x_t, sigma))
+        return x_t, x_t.flatten(1).sum(1)
+    b = {k: v[:6] for k, v in b.items()}
+    x = torch.randn(6, 1, 2, 2)
+    ident = lambda x_t, sigma, y: x_t
+    msd.generator_losses(r.cfg, lambda z, y: x, ident, ident, critic, None, b, None)
+    torch.testing.assert_close(seen[0][1], b["sigma_gan"])
+    torch.testing.assert_close(seen[0][0], x + b["sigma_gan"].view(-1, 1, 1, 1) * b["noise_gan"])
+    real = (torch.randn(6, 1, 2, 2), torch.zeros(6, dtype=torch.long))
+    terms = msd.critic_losses(r.cfg, critic, x, b, 0.5, real)
+    torch.testing.assert_close(seen[1][1], torch.cat([b["sigma_fake"], b["sigma_gan_fake"], b["sigma_gan_real"]]))
+    torch.testing.assert_close(seen[1][0][12:], real[0] + b["sigma_gan_real"].view(-1, 1, 1, 1) * b["noise_gan_real"])
+    logits = seen[1][0].flatten(1).sum(1)
+    torch.testing.assert_close(terms["gan_d"], torch.nn.functional.softplus(logits[6:12]).mean()
+                               + torch.nn.functional.softplus(-logits[12:]).mean())
+
+
+def test_step_seeds_never_collide():
+    """No two (seed, step, stream) share a seed: the old seed * 1_000_003 + 16 step + stream gave step s's
+    stream 16 to step s + 1's stream 0, and seed 1's step 0 to seed 0's step 62,500."""
+    steps = [0, 1, 2, 62_498, 62_499, 62_500, 62_501, 2 ** 32 - 1]
+    streams = list(range(0, 20)) + [255, 256, 257, 4095]
+    seen = {}
+    for seed in (0, 1, 2, 2 ** 19 - 1):
+        for step in steps:
+            for stream in streams:
+                v = msd.step_seed(seed, step, stream)
+                assert 0 <= v < 2 ** 64 and v not in seen, ((seed, step, stream), seen.get(v))
+                seen[v] = (seed, step, stream)
+    assert msd.step_seed(0, 5, 16) != msd.step_seed(0, 6, 0)
+    assert msd.step_seed(3, 100, 1) == 3 * 1_000_003 + 1601  # the compact form every measured result used
+    torch.Generator().manual_seed(msd.step_seed(2 ** 19 - 1, 2 ** 32 - 1, 4095))  # fits torch's 64-bit seed
+    for flag, value in (("--seed", str(2 ** 19)), ("--fake-steps-per-gen", "256")):
+        with pytest.raises(ValueError, match=re.escape(flag)):
+            msd.main(["--teacher", "nope.pt", "--device", "cpu", flag, value])
+
+
+def test_stage_and_head_refusals_are_one_clear_line(files, tmp_path):
+    with pytest.raises(ValueError, match=r"--lambda-reg 0.25 with --stage adm: the ADM stage has no regression term"):
+        msd.main(["--stage", "adm", "--lambda-reg", "0.25", "--teacher", "nope.pt", "--device", "cpu"])
+    with pytest.raises(ValueError, match=r"--head-width 16: expected a positive multiple of 32"):
+        msd.main(["--stage", "adm", "--head-width", "16", "--teacher", "nope.pt", "--device", "cpu"])
+    p = np.load(files / "pairs.npz")
+    np.savez(tmp_path / "class0.npz", **{**p, "labels": np.zeros_like(p["labels"])})
+    with pytest.raises(ValueError, match=r"--reg-pairs own: .*class0.npz holds no pair of partition 1 \(classes \[5, 6, 7, 8, 9\]\)"):
+        msd.main(args(files, tmp_path / "o", "--pairs", str(tmp_path / "class0.npz"), "--reg-pairs", "own", "--partition", "1"))
+
+
+def test_a_pickled_pairs_file_is_refused_without_suggesting_to_unpickle_it(files, tmp_path):
+    np.savez(tmp_path / "evil.npz", seeds=np.array([object()] * 2), labels=np.zeros(2), noise=np.zeros(2), images=np.zeros(2))
+    with pytest.raises(ValueError) as e:
+        msd.main(args(files, tmp_path / "o", "--pairs", str(tmp_path / "evil.npz")))
+    text = str(e.value)
+    assert "holds pickled objects" in text and "expected an .npz of plain arrays" in text
+    assert "allow_pickle" not in text and "pickle.load" not in text
+
+
+def test_stage_defaults_follow_their_sources_and_warmup_ramps_the_lr(files, tmp_path):
+    assert msd.STAGE_DEFAULTS["dm"]["fake_steps_per_gen"] == 1 and msd.STAGE_DEFAULTS["dm"]["warmup"] == 0  # DMD Alg. 1
+    assert msd.STAGE_DEFAULTS["adm"]["fake_steps_per_gen"] == 5 and msd.STAGE_DEFAULTS["adm"]["warmup"] == 100  # DMD2
+    out = tmp_path / "w"
+    msd.main(args(files, out, "--iters", "4", "--warmup", "2", "--lr", "1e-3"))
+    rows = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert [row["lr"] for row in rows] == [0.0, 5e-4, 1e-3, 1e-3]  # DMD2's constant_with_warmup: lr * step / warmup
+
+
+def test_ema_follows_its_half_life_and_resumes_exactly(files, tmp_path):
+    """EMA beta = 0.5 ** (batch / (half-life kimg * 1000)); a run killed and resumed keeps the same EMA bit for bit."""
+    one = msd.main(args(files, tmp_path / "e1", "--iters", "1", "--ema-halflife-kimg", "0.002"))
+    beta = 0.5 ** (4 / 2)  # batch 4, half-life 2 images
+    start = edm_unet.load_model(files / "teacher.pt")[0].state_dict()
+    for k, v in one["ema"].state_dict().items():
+        torch.testing.assert_close(v, start[k] + (1 - beta) * (one["net"].state_dict()[k] - start[k]))
+    straight = msd.main(args(files, tmp_path / "ea", "--iters", "3", "--ema-halflife-kimg", "0.002"))
+    msd.main(args(files, tmp_path / "eb", "--iters", "2", "--ema-halflife-kimg", "0.002"))
+    resumed = msd.main(args(files, tmp_path / "eb", "--iters", "3", "--ema-halflife-kimg", "0.002", "--resume"))
+    for (k, v), w in zip(straight["ema"].state_dict().items(), resumed["ema"].state_dict().values()):
+        assert torch.equal(v, w), k
+    snap, _ = edm_unet.load_model(tmp_path / "ea" / "student.pt")  # student.pt is the EMA when one is kept
+    assert all(torch.equal(v, straight["ema"].state_dict()[k]) for k, v in snap.state_dict().items())
+
+
+def test_own_pairs_keep_exactly_the_partitions_pairs(files):
+    p = sample.load_pairs(str(files / "pairs.npz"))
+    mcfg = edm_unet.load_model(files / "teacher.pt")[0].cfg
+    for reg, part in (("own", [0, 1, 2, 3, 4]), ("own", [5, 6, 7, 8, 9]), ("all", [0, 1, 2, 3, 4])):
+        cfg = msd.Config(pairs=str(files / "pairs.npz"), reg_pairs=reg)
+        z, y, img = msd.load_pairs(cfg, part, mcfg, torch.device("cpu"))
+        keep = np.isin(p["labels"], part) if reg == "own" else np.ones(len(p["labels"]), bool)
+        assert keep.sum() < len(keep) or reg == "all"
+        assert y.tolist() == p["labels"][keep].tolist() and torch.equal(z, torch.from_numpy(p["noise"][keep]))
+        assert torch.equal(img, sample.from_uint8(torch.from_numpy(p["images"][keep])))
+
+
+def test_resume_refuses_another_stage_or_partition(files, tmp_path):
+    msd.main(args(files, tmp_path / "m", "--iters", "1"))
+    with pytest.raises(ValueError, match=r"is stage dm with partition \[0, 1, 2, 3, 4\].*this run is stage dm with \[5, 6, 7, 8, 9\]"):
+        msd.main(args(files, tmp_path / "m", "--iters", "2", "--partition", "1", "--resume"))
+
+
+def test_loss_weights_are_the_documented_lambdas():
+    cfg = msd.Config(lambda_reg=0.25, lambda_gan_g=3e-3, lambda_gan_d=1e-2)
+    assert msd.loss_weights(cfg) == {"dm": 1.0, "reg": 0.25, "gan_g": 3e-3, "fake": 1.0, "gan_d": 1e-2, "tsm": 1.0}
+    terms = {"dm": torch.tensor(2.0), "reg": torch.tensor(4.0), "gan_g": torch.tensor(100.0)}
+    assert msd.weighted(cfg, terms).item() == pytest.approx(2.0 + 0.25 * 4.0 + 3e-3 * 100.0)
+    assert msd.weighted(cfg, {"fake": torch.tensor(3.0), "gan_d": torch.tensor(50.0)}).item() == pytest.approx(3.5)

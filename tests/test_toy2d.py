@@ -1,6 +1,7 @@
 """toy2d.py: data geometry, ownership, the l1 metric, the CD parametrisation, tiny end-to-end runs."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -70,6 +71,34 @@ def test_tiny_end_to_end_run(tmp_path, method):
     assert out["losses"] and all(math.isfinite(v) for v in out["losses"].values())
     assert (tmp_path / f"toy2d_{method}.png").stat().st_size > 10_000
     assert (tmp_path / f"teacher_{'relu' if method == 'dmd' else 'silu'}.pt").exists()  # --act auto
+    terms = ["dm", "reg", "fake"] if method == "dmd" else ["cd"]
+    assert list(out["loss_curves"]) == terms and (tmp_path / f"toy2d_{method}_losses.png").stat().st_size > 5_000
+    for t in terms:  # one line per K, a point every 100 steps and at the last step
+        assert sorted(out["loss_curves"][t]) == [1, 2]
+        steps, values = out["loss_curves"][t][2]
+        assert steps == [20] and all(math.isfinite(v) and v >= 0 for v in values)
+
+
+def test_per_student_loss_curve_leaves_training_unchanged_and_averages_to_the_logged_loss():
+    """The curve measures each student on the step's own batch without touching the training's random draws:
+    the students' weights are bit-identical with and without it, and its mean over students is the logged loss."""
+    cfg = toy2d.ToyConfig(width=16, depth=2, teacher_iters=20)
+    teacher = toy2d.train_teacher(cfg)
+    own = toy2d.Ownership([g for k in (1, 2) for g in toy2d.partition(k)])
+    g = torch.Generator().manual_seed(0)
+    y_pair, z_pair = torch.randint(0, 8, (32,), generator=g), torch.randn(32, 2, generator=g)
+    pairs = (z_pair, y_pair, toy2d.heun_sample(teacher, z_pair, y_pair, 4, cfg))
+    runs = []
+    for every in (1, 10 ** 9):  # a curve point at every step, or only at the last one
+        torch.manual_seed(5)
+        dc = toy2d.DistillConfig(iters=6, batch=8)
+        runs.append(toy2d.distill_dmd(teacher, own, pairs, dc, log_every=1, curve_every=every))
+    for p, q in zip(runs[0][0].parameters(), runs[1][0].parameters()):
+        assert torch.equal(p, q)
+    last, curve = runs[0][1], runs[0][2]
+    assert [r["step"] for r in curve] == list(range(1, 7)) and [r["step"] for r in runs[1][2]] == [6]
+    for term in ("dm", "reg", "fake"):  # log_every=1: the last logged means are the last step's losses
+        assert np.mean(curve[-1][term]) == pytest.approx(last[term], rel=1e-4), term
 
 
 @pytest.mark.parametrize("bad,expect", [(["--lr", "-1"], "--lr must be > 0"), (["--lr", "0"], "--lr must be > 0"),
