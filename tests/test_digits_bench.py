@@ -17,3 +17,15 @@ def test_digits_quick_pipeline_gives_finite_metrics(tmp_path, capsys):
     assert all(np.isfinite([r["fd_data"], r["fd_teacher"], r["acc"]]).all() for r in rows)
     assert len([d for d in os.listdir(tmp_path / "seed0" / "K5") if d.startswith("p")]) == 5  # five students
     assert len(os.listdir(tmp_path / "seed0" / "K5" / "samples")) == 100 + 1  # routed PNGs + dataset.json
+
+
+def test_held_out_digits_never_reach_the_training_folder(tmp_path):
+    spec = importlib.util.spec_from_file_location("digits", os.path.join(ROOT, "bench", "digits.py"))
+    digits = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(digits)
+    (train_x, _), (test_x, _) = digits.make_data(str(tmp_path / "train"))
+    folder_x, folder_y = digits.read(str(tmp_path / "train"))  # what the teacher and TSM train on
+    assert len(folder_x) == len(train_x) == 1500 and len(test_x) == 297
+    seen = {x.numpy().tobytes() for x in folder_x}  # the 1,797 digits are pairwise distinct images
+    assert not any(x.numpy().tobytes() in seen for x in test_x)
+    assert len(seen | {x.numpy().tobytes() for x in test_x}) == 1797

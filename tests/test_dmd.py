@@ -43,11 +43,6 @@ def test_karras_schedule_and_t_range():
         raise AssertionError("out-of-range t accepted")
 
 
-def test_edm_weight_closed_form():
-    sigma = torch.tensor([0.1, 1.0])
-    torch.testing.assert_close(dmd.edm_weight(sigma, 0.5), (sigma ** 2 + 0.25) / (sigma * 0.5) ** 2)
-
-
 def test_fake_score_denoising_loss_decreases_on_fixed_batch():
     torch.manual_seed(0)
     x = torch.randn(64, 4) * 0.5 + 1.0

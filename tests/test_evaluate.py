@@ -1,6 +1,7 @@
 """evaluate.py: Frechet distance, statistics files, the EDM-format reader, the Inception path offline."""
 import json
 import os
+import re
 from unittest import mock
 
 import numpy as np
@@ -118,11 +119,17 @@ def test_fid_cli_offline_with_a_local_inception(tmp_path, capsys):
     fid = evaluate.main(["fid", "--images", str(tmp_path / "b"), "--ref", str(tmp_path / "ref.npz"), "--is",
                          "--inception-weights", weights, "--device", "cpu"])
     assert abs(fid) < 1e-3  # identical images
-    assert "IS" in capsys.readouterr().out
-    write_set(tmp_path / "c", n=12, size=16, seed=1)
+    net = evaluate.load_inception(weights)
+    images, labels = write_set(tmp_path / "c", n=12, size=16, seed=1)
+    printed = re.search(r"IS ([\d.]+) \+- ([\d.]+)", capsys.readouterr().out)
+    is_b = evaluate.inception_score(evaluate.features([(write_set(tmp_path / "b2", n=12, size=16, seed=0)[0], None)], net)[1])
+    assert printed and float(printed[1]) == pytest.approx(is_b[0], abs=1e-3) and float(printed[2]) == pytest.approx(is_b[1], abs=1e-3)
     fid_other = evaluate.main(["fid", "--images", str(tmp_path / "c"), "--ref", str(tmp_path / "ref.npz"),
                                "--classes", "0-1", "--inception-weights", weights, "--device", "cpu"])
-    assert fid_other > 1e-3
+    keep = [i for i, y in enumerate(labels) if y in (0, 1)]  # --classes 0-1: 8 of the 12 images
+    pool = evaluate.features([(images[keep], None)], net)[0]
+    assert len(keep) == 8 and fid_other == pytest.approx(evaluate.frechet_distance(*evaluate.stats(pool), mu, sigma), rel=1e-6)
+    assert fid_other > 0.1  # other images (a random Inception gives small distances)
 
 
 def test_missing_inputs_are_refused_before_the_inception_weights_load(tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ import torch
 
 import edm_unet
 import sample
+from test_msd import free_port
 
 
 class GaussianDenoiser(torch.nn.Module):
@@ -131,7 +132,7 @@ def test_pairs_under_torchrun_two_processes_equal_one_process(tmp_path):
     common = ["--teacher", str(tmp_path / "t.pt"), "--count", "6", "--steps", "2", "--batch", "2", "--device", "cpu"]
     sample.main(["pairs", *common, "--out", str(tmp_path / "one.npz")])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
                     os.path.join(root, "sample.py"), "pairs", *common, "--out", str(tmp_path / "two.npz")],
                    check=True, env=env, cwd=root, capture_output=True, timeout=300)
     a, b = sample.load_pairs(str(tmp_path / "one.npz")), sample.load_pairs(str(tmp_path / "two.npz"))
@@ -141,7 +142,7 @@ def test_pairs_under_torchrun_two_processes_equal_one_process(tmp_path):
     paths = student_ckpts(tmp_path, [list(range(5)), list(range(5, 10))])
     common = ["students", "--ckpt", *paths, "--seeds", "0-6", "--batch", "2", "--device", "cpu"]
     sample.main([*common, "--out", str(tmp_path / "one_imgs")])
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
                     os.path.join(root, "sample.py"), *common, "--out", str(tmp_path / "two_imgs")],
                    check=True, env=env, cwd=root, capture_output=True, timeout=300)
     x1 = next(sample.ImageFolder(str(tmp_path / "one_imgs")).batches(10))
@@ -309,3 +310,24 @@ def test_user_errors_print_one_line_and_exit_2(tmp_path):
     np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(ValueError, match="obj.npy' is not a paired-set file"):
         sample.load_pairs(str(tmp_path / "obj.npy"))
+
+
+def test_each_pair_is_the_teacher_image_of_its_seed_and_class_fixes_only_the_label(tmp_path):
+    """pairs[i] = (z of seed i, label of seed i, teacher-mode image of seed i); --class keeps z and sets the label."""
+    D = tiny_teacher()
+    edm_unet.save_model(D, tmp_path / "t.pt")
+    common = ["--teacher", str(tmp_path / "t.pt"), "--steps", "3", "--batch", "3", "--device", "cpu"]
+    sample.main(["pairs", "--num", "5", "--out", str(tmp_path / "p.npz"), *common])
+    sample.main(["teacher", "--seeds", "0-4", "--out", str(tmp_path / "t"), *common])
+    p = sample.load_pairs(str(tmp_path / "p.npz"))
+    images, labels = next(sample.ImageFolder(str(tmp_path / "t")).batches(100))
+    assert p["seeds"].tolist() == list(range(5)) and p["labels"].tolist() == labels.tolist()
+    assert np.array_equal(p["images"], images.numpy())
+    _, y, z = sample.draw_inputs(list(range(5)), D.cfg, "cpu")
+    assert torch.equal(torch.from_numpy(p["noise"]), z) and p["labels"].tolist() == y.tolist()
+    sample.main(["teacher", "--seeds", "0-4", "--class", "3", "--out", str(tmp_path / "c3"), *common])
+    images3, labels3 = next(sample.ImageFolder(str(tmp_path / "c3")).batches(100))
+    _, y3, z3 = sample.draw_inputs(list(range(5)), D.cfg, "cpu", cls=3)
+    assert labels3.tolist() == [3] * 5 and y3.tolist() == [3] * 5 and torch.equal(z3, z)
+    x3 = sample.heun_sampler(D, z3, y3, num_steps=3)
+    assert torch.equal(sample.to_uint8(x3), images3)  # the image of seed i drawn as class 3
