@@ -1,18 +1,16 @@
 """When do more students help? Student size against K on real digits, on a CPU (MSD Sec. 3.3, Tables 1 and 5).
 
-    python bench/capacity.py            # the study: table, curves and docs/capacity.png (5,815 s on a 2-core CPU shared with other jobs)
-    python bench/capacity.py --curve-iters 900   # longer K = 1 curves, so longer budgets; reuses every run it shares
-                                                 # (sizes 8 and 16 from scratch: 7,803 s on a 2-core CPU)
-    python bench/capacity.py --curve-iters 900 --sizes 32   # one size of the ladder alone (its own results file)
-    python bench/capacity.py --curve-iters 1800 --sizes 8 --ks 1 5 --pairs own   # one cell against K = 1 (4,583 s after the teacher, 2-core CPU)
-    python bench/capacity.py --curve-iters 1800 --sizes 16          # (5,869 s with the teacher, beside the next one)
-    python bench/capacity.py --curve-iters 1800 --sizes 32          # (7,402 s after the teacher, beside other jobs;
-                                                 # 2,718 s alone on a faster 2-core CPU)
-    python bench/capacity.py --curve-iters 1800 --sizes 8 --ks 1 10 --pairs all   # one class per student (F_DM)
-    python bench/capacity.py --curve-iters 1800 --sizes 8 --ks 1 10 --pairs own   # the same, own pairs (1,908 s with the teacher
-                                                 # on a faster 2-core CPU, where --sizes 8 took 2,050 s more and
-                                                 # --ks 1 10 --pairs all 1,479 s more)
+    python bench/capacity.py            # the protocol of docs/capacity.md's final table (below)
+    python bench/capacity.py --sizes 8 --ks 1 10 --pairs own   # a part of it: one filter, one K, one size
     python bench/capacity.py --quick    # the same pipeline in seconds (used by a test); its numbers mean nothing
+    python bench/capacity_ladder.py     # the final table and figure, from the results folders
+
+Each call writes bench/results/capacity/<name>/ (table.md, results.json, figure.png, run.json with the
+command, commit, CPU, torch version and seconds), <name> spelling every axis it ran, e.g.
+curve1800_sizes8_ks1-2-5_pairsall-own; finished runs in --out are reused, so parts of the study can run in
+separate calls. The whole default protocol has not run as one call: its parts took 5,437 s (size 8, three
+calls), 2,718 s (size 32) and about 1,850 s (size 16, estimated from its step cost) on a 2-core AMD EPYC,
+so about 2.8 hours with the teacher.
 
 The protocol is fixed here, before any run, and the README reads the results against it:
   * teacher: bench/digits.py's (0.83M parameters: the tiny preset at 8x8 with 32 channels), EDM's loss;
@@ -20,12 +18,13 @@ The protocol is fixed here, before any run, and the README reads the results aga
     from it (DMD Alg. 1); smaller students first match the teacher on their own classes (TSM, Eq. 3,
     MSD Sec. 3.3 / App. D.2.2; one TSM run per (size, partition), seed 0, shared by the DM seeds), then DM;
   * K = 1, 2, 5 consecutive class blocks, equal per-student iterations and batch (as the paper compares);
-    K = 10 (one class per student) on request (--ks 1 10), as each seed then trains ten students;
+    K = 10 (one class per student) at the smallest size (added after the first runs; docs/capacity.md);
   * data filtering: F_DM (every student regresses onto the whole paired set, Sec. 3.2) for every size, and
     `--reg-pairs own` for the smallest size (a K = 1 student owns every pair, so both filters share it);
-  * budget: per size, one K = 1 run (seed 0) is evaluated every `every` steps up to `curve_iters`; the
-    budget is the first checkpoint whose FD to data is within 5% of the best FD at it or any later one, and
-    every K of that size trains for it;
+  * budget: per size, one K = 1 run (seed 0) is evaluated every `every` steps up to `curve_iters` (first
+    fixed at 450; 1,800 after the shorter curves proved too short: docs/capacity.md); the budget is the first
+    checkpoint whose FD to data is within 5% of the best FD at it or any later one, and every K of that
+    size trains for it;
   * hyperparameters: bench/digits.py's (lr 2e-4, batch 32, EMA half-life 1 kimg, MSE regression weight 1),
     the same for every K and size: nothing is tuned per K;
   * metrics: FD to the 297 held-out digits (primary; the teacher's own FD to them is the target), FD to
@@ -55,13 +54,14 @@ import evaluate  # noqa: E402
 import msd  # noqa: E402
 import sample  # noqa: E402
 
-FULL = dict(sizes=(8, 16, 32), ks=(1, 2, 5), seeds=(0, 1, 2), own_sizes=(8,), samples=5000, tsm_iters=300,
-            tsm_batch=128, tsm_lr=2e-3, curve_iters=450, every=150, batch=32, lr=2e-4, ema=1.0, lambda_reg=1.0,
-            workers=2)
-QUICK = dict(sizes=(8, 32), ks=(1, 2, 5), seeds=(0,), own_sizes=(8,), samples=100, tsm_iters=2, tsm_batch=8,
-             tsm_lr=2e-3, curve_iters=4, every=2, batch=8, lr=2e-4, ema=1.0, lambda_reg=1.0, workers=1)
+FULL = dict(sizes=(8, 16, 32), ks=(1, 2, 5, 10), seeds=(0, 1, 2), own_sizes=(8,), one_class_sizes=(8,), samples=5000,
+            tsm_iters=300, tsm_batch=128, tsm_lr=2e-3, curve_iters=1800, every=150, batch=32, lr=2e-4, ema=1.0,
+            lambda_reg=1.0, workers=2)
+QUICK = dict(sizes=(8, 32), ks=(1, 2, 5), seeds=(0,), own_sizes=(8,), one_class_sizes=(8,), samples=100, tsm_iters=2,
+             tsm_batch=8, tsm_lr=2e-3, curve_iters=4, every=2, batch=8, lr=2e-4, ema=1.0, lambda_reg=1.0, workers=1)
+ALL_KS = (1, 2, 5, 10)  # K = 10 (one class per student) runs at the one_class_sizes only
 TEACHER_SIZE = 32
-OPT_IN_KS = (10,)  # one class per student: on request only (--ks 1 10), as it costs ten students per seed
+RESULTS = os.path.join(ROOT, "bench", "results", "capacity")
 COMMON = ["--precision", "fp32", "--device", "cpu", "--sample-every", "1000000", "--grad-probe-every", "0",
           "--log-every", "1000000"]
 
@@ -121,35 +121,32 @@ def main(argv=None):
     p.add_argument("--digits", default=os.path.join(ROOT, "out", "digits"),
                    help="bench/digits.py's folder: its teacher and paired set are reused, or made there")
     p.add_argument("--curve-iters", type=int, default=None,
-                   help=f"length of the K = 1 curves that set the budgets (default {FULL['curve_iters']}); another value "
-                        "writes its own results file and figure (suffix _curve<N>) and reuses every run it shares")
+                   help=f"length of the K = 1 curves that set the budgets (default {FULL['curve_iters']}); reuses every "
+                        "run it shares")
     p.add_argument("--sizes", type=int, nargs="+", default=None,
-                   help="run only these sizes of the ladder (e.g. --sizes 32, when one session cannot fit the whole "
-                        "study); writes its own results file and figure (suffix _sizes<...>)")
+                   help=f"run only these sizes of the ladder {list(FULL['sizes'])} (a study split over calls)")
     p.add_argument("--ks", type=int, nargs="+", default=None,
-                   help=f"run only these K of {list(FULL['ks'] + OPT_IN_KS)} (1, the baseline of the rule, always among "
-                        f"them; K = {OPT_IN_KS[0]}, one class per student, on request only: e.g. --ks 1 10); writes its own "
-                        "results file and figure (suffix _ks<...>)")
+                   help=f"run only these K of {list(ALL_KS)} (1, the baseline of the rule, always among them; K = 10, one "
+                        f"class per student, at sizes {list(FULL['one_class_sizes'])} only)")
     p.add_argument("--pairs", nargs="+", choices=("all", "own"), default=None,
-                   help="run only these regression filters (all: F_DM; own: --reg-pairs own, for the sizes "
-                        f"{FULL['own_sizes']} only); writes its own results file and figure (suffix _pairs<...>)")
+                   help=f"run only these regression filters (all: F_DM; own: --reg-pairs own, for the sizes "
+                        f"{list(FULL['own_sizes'])} only)")
     args = p.parse_args(argv)
     hp = dict(QUICK if args.quick else FULL, pairs=("all", "own"))
-    suffix = ""
     if args.curve_iters is not None:
         if args.curve_iters < hp["every"] or args.curve_iters % hp["every"]:
             p.error(f"--curve-iters must be a positive multiple of {hp['every']}, got {args.curve_iters}")
-        suffix = "" if args.curve_iters == hp["curve_iters"] else f"_curve{args.curve_iters}"
         hp["curve_iters"] = args.curve_iters
-    for flag in ("sizes", "ks", "pairs"):  # a part of the study: its own results file
+    for flag in ("sizes", "ks", "pairs"):  # a part of the study
         if getattr(args, flag) is not None:
-            allowed = hp[flag] + OPT_IN_KS if flag == "ks" else hp[flag]
-            hp[flag], tag = subset(p, flag, getattr(args, flag), allowed, hp[flag])
-            suffix += tag
+            hp[flag] = subset(p, flag, getattr(args, flag), ALL_KS if flag == "ks" else hp[flag])
     if 1 not in hp["ks"]:
         p.error(f"--ks must include 1 (the baseline of the rule), got {args.ks}")
     if hp["pairs"] == ("own",) and not set(hp["sizes"]) & set(hp["own_sizes"]):
         p.error(f"--pairs own runs for sizes {list(hp['own_sizes'])} only, got --sizes {list(hp['sizes'])}")
+    if args.ks is not None and 10 in hp["ks"] and not set(hp["sizes"]) & set(hp["one_class_sizes"]):
+        p.error(f"--ks 10 runs for sizes {list(hp['one_class_sizes'])} only, got --sizes {list(hp['sizes'])}")
+    name = results_name(hp)
     t_start = time.time()
     j = lambda *a: os.path.join(args.out, *a)
     os.makedirs(args.out, exist_ok=True)
@@ -197,7 +194,7 @@ def main(argv=None):
     # Stage 0 for the smaller sizes: TSM on each partition (seed 0), in parallel
     tsm_jobs, tsm_keys, init = [], [], {}
     for size in hp["sizes"]:
-        for K in hp["ks"]:
+        for K in ks_at(hp, size):
             for k in range(K):
                 if size == TEACHER_SIZE:
                     init[size, K, k] = None
@@ -233,7 +230,7 @@ def main(argv=None):
     rows, where, wall = [], {}, {}
     for size in hp["sizes"]:
         regs = [reg for reg in hp["pairs"] if reg == "all" or size in hp["own_sizes"]]
-        cells = [(size, reg, seed, K) for reg in regs for seed in hp["seeds"] for K in hp["ks"]]
+        cells = [(size, reg, seed, K) for reg in regs for seed in hp["seeds"] for K in ks_at(hp, size)]
         grid_jobs, queued = [], set()
         for _, reg, seed, K in cells:
             reg_k = run_reg(reg, K)
@@ -260,23 +257,39 @@ def main(argv=None):
         table = report(result)
         print(table, flush=True)
         if not args.quick:
-            with open(os.path.join(ROOT, "bench", f"capacity_results{suffix}.md"), "w") as f:
+            folder = os.path.join(RESULTS, name)
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, "table.md"), "w") as f:
                 f.write(table)
-            with open(j(f"results{suffix}.json"), "w") as f:
+            with open(os.path.join(folder, "results.json"), "w") as f:
                 json.dump(result, f, indent=1, default=float)
-            figure(result, os.path.join(ROOT, "docs", f"capacity{suffix}.png"), args.out, scratch)
+            figure(result, os.path.join(folder, "figure.png"), args.out, scratch)
+            digits.save_run(folder, "bench/capacity.py", argv if argv is not None else sys.argv[1:], time.time() - t_start)
+    print(f"results: {os.path.join(RESULTS, name)}" + (" (not written: --quick)" if args.quick else ""))
     shutil.rmtree(scratch, ignore_errors=True)
     if args.quick:
         print("--quick: a smoke test of the pipeline; the numbers above mean nothing at this size.")
     return result
 
 
-def subset(p, flag, given, allowed, default):
-    """A flag that picks part of the study (or adds an opt-in value): distinct values of `allowed`.
-    -> (sorted tuple, results-file suffix; none when it is the default study's set)."""
+def subset(p, flag, given, allowed):
+    """A flag that picks part of the study: distinct values of `allowed`. -> sorted tuple."""
     if any(v not in allowed for v in given) or len(set(given)) != len(given):
         p.error(f"--{flag} must be distinct values of {list(allowed)}, got {given}")
-    return tuple(sorted(given)), "" if set(given) == set(default) else f"_{flag}" + "-".join(map(str, sorted(given)))
+    return tuple(sorted(given))
+
+
+def ks_at(hp, size):
+    """The K a size runs: K = 10 (one class per student) at the one_class_sizes only."""
+    return [K for K in hp["ks"] if K != 10 or size in hp["one_class_sizes"]]
+
+
+def results_name(hp):
+    """The results folder's name, spelling every axis the call runs (the values it really runs at some size)."""
+    ks = sorted({K for s in hp["sizes"] for K in ks_at(hp, s)})
+    pairs = [reg for reg in hp["pairs"] if reg == "all" or set(hp["sizes"]) & set(hp["own_sizes"])]
+    join = lambda v: "-".join(map(str, v))
+    return f"curve{hp['curve_iters']}_sizes{join(hp['sizes'])}_ks{join(ks)}_pairs{join(pairs)}"
 
 
 def run_reg(reg, K):
@@ -329,8 +342,10 @@ def report(r):
     for size in sorted({x["size"] for x in rows}):
         for reg in sorted({x["reg"] for x in rows if x["size"] == size}):
             base = [x["fd_data"] for x in rows if x["size"] == size and x["reg"] == reg and x["K"] == 1]
-            for K in hp["ks"]:
+            for K in ks_at(hp, size):
                 c = [x for x in rows if x["size"] == size and x["reg"] == reg and x["K"] == K]
+                if not c:  # a cell not (yet) measured
+                    continue
                 fd = [x["fd_data"] for x in c]
                 gap, pooled, wins = decide(base, fd)
                 verdict = "" if K == 1 else f"{'yes' if wins else 'no'} ({gap:.2f} / {2 * pooled:.2f})"
@@ -365,7 +380,7 @@ def figure(r, path, out, scratch):
     fig, ax = plt.subplots(1, 3, figsize=(15, 4.2), layout="constrained")
     for reg, style in (("all", "-"), ("own", ":")):
         for K in hp["ks"]:
-            sizes = [s for s in hp["sizes"] if any(x["reg"] == reg and x["size"] == s for x in rows)]
+            sizes = [s for s in hp["sizes"] if any(x["reg"] == reg and x["size"] == s and x["K"] == K for x in rows)]
             if not sizes:
                 continue
             c = [[x["fd_data"] for x in rows if x["size"] == s and x["reg"] == reg and x["K"] == K] for s in sizes]
@@ -383,8 +398,8 @@ def figure(r, path, out, scratch):
     for s in done:
         row = []
         reg = "all" if any(x["reg"] == "all" and x["size"] == s for x in rows) else "own"
-        names += [f"{s} ch K={K}" + (" own" if reg == "own" and K > 1 else "") for K in hp["ks"]]
-        for K in hp["ks"]:
+        names += [f"{s} ch K={K}" + (" own" if reg == "own" and K > 1 else "") for K in ks_at(hp, s)]
+        for K in ks_at(hp, s):
             ckpts = [student_ckpt(out, s, reg, 0, K, r["budget"][s], k) for k in range(K)]
             x, y = route(ckpts, "300000-300499", scratch)
             row.append(torch.cat([torch.cat(list(x[y == c][:3, 0]), 1) for c in range(10)], 1))  # (8, 3 * 8 * 10)

@@ -1,6 +1,6 @@
 """MSD end to end on real images, on a CPU: do K students beat one? (scikit-learn's digits, no download)
 
-    python bench/digits.py            # 3 seeds x K in (1, 2, 5); prints the table, writes the figure
+    python bench/digits.py            # 3 seeds x K in (1, 2, 5): table, figure and run.json in bench/results/digits/
     python bench/digits.py --quick    # a smoke run of the same pipeline in seconds (used by a test)
 
 The pipeline is the project's own scripts, called through their `main(argv)` (the command each
@@ -15,6 +15,7 @@ scaled 0..16 -> 0..255; 297 images are held out for the metric, 1,500 train the 
 classifier. The teacher is trained once and shared by all seeds; the seeds vary the students.
 """
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -97,6 +98,22 @@ def measure(clf, images, labels, ref_stats):
     mu, sigma = evaluate.stats(feats)
     acc = float((logits.argmax(1) == labels.numpy()).mean())
     return [evaluate.frechet_distance(mu, sigma, *r) for r in ref_stats], acc
+
+
+def save_run(folder, script, argv, seconds):
+    """run.json beside a study's results: the command, commit, CPU, torch version and seconds that made them."""
+    import platform
+    import subprocess
+    git = lambda *a: subprocess.run(["git", "-C", ROOT, *a], capture_output=True, text=True).stdout.strip()
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    info = dict(command=" ".join(["python", script, *argv]), commit=git("rev-parse", "HEAD") + ("-dirty" if git("status", "--porcelain", "-uno") else ""),
+                cpu=f"{cpu}, {os.cpu_count()} cores", torch=torch.__version__, seconds=round(seconds),
+                date=time.strftime("%Y-%m-%d"))
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "run.json"), "w") as f:
+        json.dump(info, f, indent=1)
+    return info
 
 
 def read(path):
@@ -185,9 +202,12 @@ def main(argv=None):
         print("--quick: a smoke test of the pipeline (20 teacher steps, 3 student steps, 100 samples). The FDs and "
               "the label accuracy above are meaningless at this size; run without --quick for the study.")
     if not args.quick:
-        with open(os.path.join(ROOT, "bench", "digits_results.md"), "w") as f:
+        folder = os.path.join(ROOT, "bench", "results", "digits")
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "table.md"), "w") as f:
             f.write(table)
-        figure(rows, hp, args.out, os.path.join(ROOT, "docs", "digits.png"), floors)
+        figure(rows, hp, args.out, os.path.join(folder, "figure.png"), floors)
+        save_run(folder, "bench/digits.py", argv if argv is not None else sys.argv[1:], time.time() - t_start)
     return rows
 
 

@@ -24,6 +24,27 @@ def test_budget_and_decision_rules():
     assert not cap.decide([10.0, 11.0, 12.0], [9.0, 10.0, 11.0])[2]  # a gap of 1 < 2 pooled std
 
 
+def test_report_applies_the_rule_to_every_cell():
+    """Synthetic rows with three seeds: one clear win (gap 20 against 2 x pooled std 2), one clear no."""
+    cap = load()
+    rows = []
+    cells = ((8, 1, [80.0, 81.0, 82.0]), (8, 2, [60.0, 61.0, 62.0]), (8, 5, [79.0, 81.0, 83.0]),
+             (16, 1, [80.0, 81.0, 82.0]), (16, 2, [78.5, 79.5, 80.5]))  # the last: 1 < gap / pooled std < 2
+    for size, K, fds in cells:
+        for seed, fd in enumerate(fds):
+            rows.append(dict(size=size, params=53000, reg="all", seed=seed, K=K, steps=100, images=K * 3200, wall=1.0,
+                             fd_data=fd, fd_teacher=fd / 2, acc=0.99, fd_blocks=[fd] * 5, class_std=[30.0] * 10))
+    hp = dict(load().FULL, sizes=(8, 16), ks=(1, 2, 5), seeds=(0, 1, 2))
+    table = cap.report(dict(hp=hp, rows=rows, teacher=dict(fd_data=44.0, acc=0.99, class_std=[40.0] * 10),
+                            floor=dict(fd_teacher=8.0, fd_blocks=[14.0] * 5), floor_data=46.0, budget={8: 100},
+                            tsm_cost={}, clf_acc=0.98, total_s=1.0))
+    lines = [line for line in table.splitlines() if line.startswith("| 8 ch")]
+    assert lines[1].endswith("| yes (20.00 / 2.00) |") and "| 2 | 61.00 ± 1.00 |" in lines[1]
+    assert lines[2].endswith("| no (0.00 / 3.16) |")  # pooled std sqrt((1 + 4) / 2) = 1.58
+    assert lines[0].endswith("|  |")  # the baseline has no verdict
+    assert [line for line in table.splitlines() if line.startswith("| 16 ch")][1].endswith("| no (1.50 / 2.00) |")
+
+
 def test_capacity_quick_pipeline(tmp_path, capsys):
     r = load().main(["--quick", "--out", str(tmp_path / "cap"), "--digits", str(tmp_path / "digits")])
     # sizes 8 and 32 x K 1, 2, 5, plus the own-pairs filter for size 8
@@ -34,13 +55,18 @@ def test_capacity_quick_pipeline(tmp_path, capsys):
     assert os.path.exists(tmp_path / "cap" / "c8" / "tsm" / "K5p4" / "student.pt")  # Stage 0 for the small size
     assert not os.path.exists(tmp_path / "cap" / "c32" / "tsm")  # the teacher-size students start from the teacher
     assert "mean nothing" in capsys.readouterr().out
+    import glob
+    import torch
+    for reg in ("own", "all"):  # the own-pairs cells really trained with --reg-pairs own, F_DM's with all
+        found = glob.glob(str(tmp_path / "cap" / "c8" / reg / "seed0" / "K5" / "s*" / "p*" / "resume-*.pt"))
+        assert len(found) == 5 and {torch.load(f, weights_only=True)["config"]["reg_pairs"] for f in found} == {reg}
     # a longer curve reuses every run it shares, including their recorded CPU seconds
     cap = load()
     r2 = cap.main(["--quick", "--curve-iters", "6", "--out", str(tmp_path / "cap"), "--digits", str(tmp_path / "digits")])
     assert r2["steps"] == [2, 4, 6] and np.allclose(r2["curves"]["8"][:2], r["curves"]["8"], rtol=1e-4)  # same runs
     assert all(np.isfinite(x["wall"]) for x in r2["rows"] if x["wall"] is not None)
     assert all(np.isfinite(v) for v in r2["tsm_cost"].values())
-    # one size of the ladder alone (a study split over sessions): the same runs, so the same rows
+    # one size of the ladder alone (a study split over calls): the same runs, so the same rows
     r3 = cap.main(["--quick", "--sizes", "32", "--curve-iters", "6", "--out", str(tmp_path / "cap"),
                    "--digits", str(tmp_path / "digits")])
     assert {x["size"] for x in r3["rows"]} == {32} and len(r3["rows"]) == 3
@@ -63,7 +89,7 @@ def test_capacity_quick_pipeline(tmp_path, capsys):
     assert np.isclose(r5["rows"][0]["fd_data"], k1[0], rtol=1e-4)  # the same K = 1 run
     for bad in (["--curve-iters", "5"], ["--sizes", "12"], ["--sizes", "8", "8"], ["--ks", "2", "5"], ["--ks", "3"],
                 ["--ks", "10"], ["--ks", "1", "10", "10"], ["--pairs", "own", "--sizes", "32"],
-                ["--pairs", "own", "own"]):  # 5: not a multiple of 2; K = 1 is the baseline
+                ["--pairs", "own", "own"], ["--sizes", "32", "--ks", "1", "10"]):  # 5: not a multiple of 2; K = 1 is the baseline
         try:
             cap.main(["--quick", *bad])
         except SystemExit as e:
@@ -76,7 +102,8 @@ def test_ladder_figure_reads_the_results_tables(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("capacity_ladder", os.path.join(ROOT, "bench", "capacity_ladder.py"))
     lad = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(lad)
-    cells, teacher, floor = lad.read(os.path.join(ROOT, "bench", "capacity_results_curve1800_sizes32.md"))  # committed
+    cells, teacher, floor = lad.read(os.path.join(ROOT, "bench", "results", "capacity", "curve1800_sizes32_ks1-2-5_pairsall",
+                                                  "table.md"))  # committed
     assert set(cells) == {(32, "all", 1), (32, "all", 2), (32, "all", 5)} and 40 < teacher < floor < 50
     head = "| size (params) | pairs | K | FD to data | rest |\n| --- | --- | --- | --- | --- |\n"
     foot = "\nmean ± std. Teacher: FD to data {t}, label accuracy 0.99. Floors: real training digits vs held-out {f}.\n"
@@ -87,14 +114,14 @@ def test_ladder_figure_reads_the_results_tables(tmp_path, capsys):
     for name, rows in tables.items():
         (tmp_path / f"{name}.md").write_text(head + rows + foot.format(t=44.7 if name != "b" else 44.6, f=46.7))
     out = tmp_path / "ladder.png"
-    cells = lad.main(["--tables", str(tmp_path / "a.md"), str(tmp_path / "b.md"), "--out", str(out)])
+    cells = lad.main(["--tables", str(tmp_path / "a.md"), str(tmp_path / "b.md"), "--out", str(out), "--reports"])
     assert cells == {(8, "all", 1): (80.0, 4.0), (8, "all", 10): (60.0, 2.0), (16, "all", 1): (61.5, 6.0),
                      (8, "own", 1): (80.0, 4.0), (8, "own", 5): (70.0, 3.0)}
     assert out.stat().st_size > 0
     drawn = capsys.readouterr().out  # both filters; own pairs' K = 1 is F_DM's, drawn once
     assert "F_DM K = 1: 8 ch 80.00 ± 4.00, 16 ch 61.50 ± 6.00" in drawn and "own pairs K = 5: 8 ch 70.00" in drawn
     assert "own pairs K = 1" not in drawn
-    lad.main(["--tables", str(tmp_path / "a.md"), "--pairs", "all", "--out", str(out)])
+    lad.main(["--tables", str(tmp_path / "a.md"), "--pairs", "all", "--out", str(out), "--reports"])
     assert "own pairs" not in capsys.readouterr().out
     try:  # the same cell with another value in two tables: not the same runs
         lad.merge([str(tmp_path / "a.md"), str(tmp_path / "bad.md")])
@@ -102,3 +129,41 @@ def test_ladder_figure_reads_the_results_tables(tmp_path, capsys):
         assert "(8, 'all', 1)" in str(e)
     else:
         raise AssertionError("conflicting tables were merged")
+
+
+def test_results_folders_are_named_by_every_axis_and_record_their_run(tmp_path):
+    cap = load()
+    full = dict(cap.FULL, pairs=("all", "own"))
+    assert cap.results_name(full) == "curve1800_sizes8-16-32_ks1-2-5-10_pairsall-own"  # the final table's protocol
+    assert cap.results_name(dict(full, sizes=(16,))) == "curve1800_sizes16_ks1-2-5_pairsall"  # K = 10, own: size 8 only
+    assert cap.results_name(dict(full, sizes=(8,), ks=(1, 10), pairs=("own",))) == "curve1800_sizes8_ks1-10_pairsown"
+    for folder in os.listdir(os.path.join(ROOT, "bench", "results", "capacity")):  # committed results: names the script gives
+        assert folder.startswith("curve1800_sizes") and "_ks" in folder and "_pairs" in folder, folder
+    info = cap.digits.save_run(str(tmp_path / "r"), "bench/capacity.py", ["--sizes", "8"], 12.4)
+    assert info["command"] == "python bench/capacity.py --sizes 8" and info["seconds"] == 12
+    assert len(info["commit"].split("-")[0]) == 40 and info["torch"] and "cores" in info["cpu"]
+    assert (tmp_path / "r" / "run.json").exists()
+
+
+def test_the_final_table_in_the_docs_is_the_scripts(tmp_path):
+    """docs/capacity.md and README.md hold exactly what bench/capacity_ladder.py writes from the committed tables."""
+    spec = importlib.util.spec_from_file_location("capacity_ladder", os.path.join(ROOT, "bench", "capacity_ladder.py"))
+    lad = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lad)
+    cells = lad.merge(lad.TABLES)[0]
+    for path in lad.REPORTS:
+        base = os.path.relpath(os.path.join(ROOT, "bench", "results", "capacity"), os.path.dirname(path))
+        text = open(path).read()
+        assert lad.BEGIN + "\n" + lad.final_table(cells, lad.TABLES, base) + "\n" + lad.END in text, path
+    assert "| 8 ch (53k), 1500 | own pairs | 81.58 ± 2.76 |" in lad.final_table(cells, lad.TABLES, ".")
+    doc = tmp_path / "r.md"
+    doc.write_text("intro\n" + lad.BEGIN + "\nold\n" + lad.END + "\nafter\n")
+    lad.write_between_markers(str(doc), "new")
+    assert doc.read_text() == "intro\n" + lad.BEGIN + "\nnew\n" + lad.END + "\nafter\n"
+    doc.write_text("no markers")
+    try:
+        lad.write_between_markers(str(doc), "new")
+    except ValueError as e:
+        assert "markers" in str(e)
+    else:
+        raise AssertionError("a file without markers was accepted")
