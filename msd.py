@@ -61,6 +61,7 @@ import curves
 import dmd
 import edm_unet
 import sample
+import stack
 import tsm
 
 
@@ -111,11 +112,13 @@ class Config:  # every comment below is also the flag's --help line
     device: str = ""                    # cuda | cpu; "" = cuda if available
     seed: int = 0                       # every random draw is a function of (seed, step); 0 <= seed < 2^19
     log_every: int = 100                # steps between log lines (and log.jsonl rows)
-    grad_probe_every: int = 1000        # steps between per-term gradient norms on G; 0 = off
+    grad_probe_every: int = 1000        # steps between per-term gradient norms on G; 0 = off (and off with --all-students)
     sample_every: int = 5000            # steps between sample grids
     ckpt_every: int = 5000              # steps between resume files, student.pt and curves.png (a draw: 2.1 s for a 200k-step log on a 2-core CPU, under 1% of a run while 5,000 steps take over 210 s)
     max_bad_steps: int = 20             # consecutive non-finite steps before the run stops
     resume: bool = False                # continue from the newest loadable resume-*.pt in --out (fresh if none)
+    all_students: bool = False          # dm: all K students in one run, stepping together as one stack (stack.py); one process; student k's --init/--fake-init may hold {k}; writes --out/p{k}/student.pt
+    shared_fake: bool = False           # with --all-students: one fake score for all K students, trained on the union of their samples (stack.py); from --fake-init, else the teacher
 
 
 STAGE_DEFAULTS = {  # MSD App. D.2 where it speaks; its sources where it is silent (fake steps: DMD / DMD2; warm-up: DMD2)
@@ -212,14 +215,22 @@ def check_config(cfg):
         raise ValueError("--device cuda asked for, but CUDA is not available (use --device cpu)")
     if cfg.precision == "fp16" and not cfg.device.startswith("cuda"):
         raise ValueError("--precision fp16 needs CUDA (GradScaler); use bf16 or fp32 on the CPU")
+    if cfg.all_students and cfg.stage != "dm":
+        raise ValueError(f"--all-students with --stage {cfg.stage}: the stack trains the dm stage only (so far)")
+    if cfg.shared_fake and not cfg.all_students:
+        raise ValueError("--shared-fake needs --all-students (one fake score serves the K students of one run)")
+    if cfg.shared_fake and "{k}" in cfg.fake_init:
+        raise ValueError(f"--fake-init {cfg.fake_init!r} with --shared-fake: one fake score has one start, not one per student")
     needs = {"dm": ["teacher", "pairs"] if cfg.lambda_reg else ["teacher"], "adm": ["teacher", "data"],
              "tsm": ["data"] + (["teacher"] if cfg.target == "teacher" else [])}[cfg.stage]
     for name in needs:
         if not getattr(cfg, name):
             raise ValueError(f"--stage {cfg.stage} needs --{name}")
     for name in ("teacher", "init", "fake_init", "pairs", "data"):
-        if getattr(cfg, name) and not os.path.exists(getattr(cfg, name)):
-            raise FileNotFoundError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r} does not exist")
+        ks = range(cfg.num_students) if cfg.all_students and "{k}" in getattr(cfg, name) else [None]
+        for path in (getattr(cfg, name).replace("{k}", str(k)) for k in ks):
+            if path and not os.path.exists(path):
+                raise FileNotFoundError(f"--{name.replace('_', '-')} {path!r} does not exist")
     if cfg.stage == "tsm" and not (cfg.preset or cfg.init):
         raise ValueError("--stage tsm needs --preset (a fresh student) or --init (a checkpoint)")
     try:
@@ -250,22 +261,25 @@ def setup_dist(cfg):
     micro = cfg.micro_batch or per_rank
     if per_rank % micro:
         raise ValueError(f"--micro-batch {micro} does not divide the per-rank batch {per_rank}")
+    if cfg.all_students and (world > 1 or micro != per_rank):
+        raise ValueError("--all-students runs in one process without --micro-batch (so far)")
     if cfg.batch // micro > MAX_STREAM - DROPOUT_STREAM:
         raise ValueError(f"--batch {cfg.batch} in micro-batches of {micro}: expected at most "
                          f"{MAX_STREAM - DROPOUT_STREAM} micro-batches per step (a bit field of step_seed)")
     return rank, world, device, per_rank, micro
 
 
-def build_nets(cfg, device):
+def build_nets(cfg, device, teacher=None, with_fake=True):
     """The stage's networks: frozen teacher, the trained net (G's denoiser or the TSM student), fake score, head."""
-    teacher = edm_unet.load_model(cfg.teacher)[0] if cfg.teacher else None
+    if teacher is None:
+        teacher = edm_unet.load_model(cfg.teacher)[0] if cfg.teacher else None
     if cfg.stage == "tsm":
         net = edm_unet.load_model(cfg.init)[0] if cfg.init else edm_unet.build(cfg.preset, **edm_unet.parse_overrides(cfg.arch))
         fake = head = None
     else:
         net = edm_unet.load_model(cfg.init)[0] if cfg.init else copy.deepcopy(teacher)  # DMD Alg. 1: G <- teacher
         fake_src = cfg.fake_init or (cfg.teacher if cfg.stage == "adm" else cfg.init or cfg.teacher)
-        fake = edm_unet.load_model(fake_src)[0]
+        fake = edm_unet.load_model(fake_src)[0] if with_fake else None
         head = adm.init_head(fake, cfg.seed, cfg.head_width) if cfg.stage == "adm" else None
     if teacher is not None:
         teacher.requires_grad_(False).eval().to(device)
@@ -309,20 +323,42 @@ def setup(cfg):
             setattr(cfg, k, v)
     check_config(cfg)
     rank, world, device, per_rank, micro = setup_dist(cfg)
+    if cfg.all_students:  # one process, no accumulation: a step's rows are the K students' batches
+        per_rank = micro = cfg.batch * cfg.num_students
     torch.manual_seed(cfg.seed)  # a fresh --preset student is the same on every rank
-    teacher, net, fake, head = build_nets(cfg, device)
+    if cfg.all_students:  # K students (and K fake scores, or one shared) as stacks: stack.py
+        teacher = edm_unet.load_model(cfg.teacher)[0]
+        per_k = [build_nets(dataclasses.replace(cfg, init=cfg.init.replace("{k}", str(k)),
+                                                fake_init=cfg.fake_init.replace("{k}", str(k))), device, teacher,
+                            with_fake=not cfg.shared_fake) for k in range(cfg.num_students)]
+        net, head, single = stack.Stack([n[1] for n in per_k]), None, per_k[0][1]
+        fake = (edm_unet.load_model(cfg.fake_init or cfg.teacher)[0].to(device).eval().requires_grad_(True)
+                if cfg.shared_fake else stack.Stack([n[2] for n in per_k]))
+    else:
+        (teacher, net, fake, head), single = build_nets(cfg, device), None
     mcfg = net.cfg
     if cfg.num_students > mcfg.label_dim:
         raise ValueError(f"--num-students {cfg.num_students} exceeds the {mcfg.label_dim} classes")
     emb = label_embeddings(teacher or net) if cfg.split == "kmeans" else None
     partitions = make_partition(mcfg.label_dim, cfg.num_students, cfg.split, cfg.split_seed, emb)
-    partition = partitions[cfg.partition]
+    partition = partitions if cfg.all_students else partitions[cfg.partition]
+    owned = partitions if cfg.all_students else [partition]  # the classes of each student this run trains
     if rank == 0:
-        print(f"stage {cfg.stage}: student {cfg.partition} of {cfg.num_students} ({cfg.split}) owns "
-              f"{len(partition)} classes: {partition if len(partition) <= 20 else partition[:10] + ['...']}")
+        for k, part in zip(range(cfg.num_students) if cfg.all_students else [cfg.partition], owned):
+            print(f"stage {cfg.stage}: student {k} of {cfg.num_students} ({cfg.split}) owns "
+                  f"{len(part)} classes: {part if len(part) <= 20 else part[:10] + ['...']}")
     shape = (mcfg.img_channels, mcfg.img_resolution, mcfg.img_resolution)
-    # data: paired set (dm), real images of the partition (adm: F_ADM, tsm)
-    pairs = load_pairs(cfg, partition, mcfg, device) if cfg.stage == "dm" and cfg.lambda_reg else None
+    # data: paired set (dm), real images of the partition (adm: F_ADM, tsm). Each student draws its
+    # batch from its own classes and its own pairs (all of them under F_DM: one copy serves all)
+    parts, pairs = [], None
+    if cfg.stage == "dm" and cfg.lambda_reg:
+        own = [load_pairs(cfg, part, mcfg, device) for part in (owned if cfg.reg_pairs == "own" else owned[:1])]
+        pairs = tuple(torch.cat(t) for t in zip(*own))
+        sizes = [len(p[0]) for p in own] if cfg.reg_pairs == "own" else [len(pairs[0])] * len(owned)
+        offsets = np.cumsum([0] + sizes[:-1]) if cfg.reg_pairs == "own" else [0] * len(owned)
+    else:
+        sizes, offsets = [0] * len(owned), [0] * len(owned)
+    parts = [(torch.tensor(part, device=device), n, int(o)) for part, n, o in zip(owned, sizes, offsets)]
     real = sample.ImageFolder(cfg.data, classes=partition, resolution=mcfg.img_resolution,
                               channels=mcfg.img_channels, need_labels=True) if cfg.stage in ("adm", "tsm") else None
     if real is not None and real.shape != shape:
@@ -347,10 +383,12 @@ def setup(cfg):
         scalers=[torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None for _ in range(2)],
         ema=copy.deepcopy(net).eval().requires_grad_(False) if cfg.ema_halflife_kimg else None,
         partition=partition, partitions=partitions, shape=shape, sigma_data=mcfg.sigma_data, pairs=pairs,
-        real=real, lpips_fn=lpips_fn, classes=torch.tensor(partition, device=device),
-        sigmas=dmd.karras_sigmas(NUM_LEVELS).to(device), n_pairs=len(pairs[0]) if pairs is not None else 0,
+        real=real, lpips_fn=lpips_fn, parts=parts, sigmas=dmd.karras_sigmas(NUM_LEVELS).to(device),
         n_real=len(real) if real is not None else 0, step=0, skipped=0, bad=0, log=None, terms_acc={},
-        t_last=time.time(), n_last=0, lr=cfg.lr)
+        t_last=time.time(), n_last=0, lr=cfg.lr,
+        # losses are means over the K*B rows of a stack: K times them gives each student its own run's gradient
+        g_scale=len(owned), f_scale=1 if cfg.shared_fake else len(owned),
+        single=single)  # --all-students: a network to unstack one student into
     if cfg.resume:
         resume(r)
     # DDP for the nets that train (after resume: DDP broadcasts rank 0's weights), then torch.compile
@@ -363,8 +401,8 @@ def setup(cfg):
     os.makedirs(cfg.out, exist_ok=True)
     if r.master:  # what curves.py needs to label and scale the run
         with open(os.path.join(cfg.out, "run.json"), "w") as f:
-            json.dump({"stage": cfg.stage, "partition": cfg.partition, "num_students": cfg.num_students,
-                       "classes": partition, "batch": cfg.batch}, f)
+            json.dump({"stage": cfg.stage, "partition": "all" if cfg.all_students else cfg.partition,
+                       "num_students": cfg.num_students, "classes": partition, "batch": cfg.batch}, f)
     return r
 
 
@@ -405,21 +443,31 @@ def rng(cfg, step, stream, device):
 
 
 def draw_batch(r, step, stream, with_pairs=True):
-    """The whole global batch of one update: z, y, t and noise for G (Eq. 6), the fake score's own t
-    and noise (Eq. 8, all levels as in DMD Alg. 1), pair and real-image indices; adm: a t and a noise
-    for each GAN input (G's term, D's fake and real), t < --gan-t-max, as DMD2's compute_cls_logits."""
+    """The whole global batch of one update; --all-students: each student's batch exactly as its own
+    run draws it, the K batches one after another (K*B rows; pair indices offset to its own pairs)."""
+    parts = [draw_student_batch(r, step, stream, with_pairs, classes, n_pairs) for classes, n_pairs, _ in r.parts]
+    for b, (_, _, offset) in zip(parts, r.parts):
+        if "pair_idx" in b:
+            b["pair_idx"] = b["pair_idx"] + offset
+    return parts[0] if len(parts) == 1 else {k: torch.cat([b[k] for b in parts]) for k in parts[0]}
+
+
+def draw_student_batch(r, step, stream, with_pairs, classes, n_pairs):
+    """One student's global batch: z, y, t and noise for G (Eq. 6), the fake score's own t and noise
+    (Eq. 8, all levels as in DMD Alg. 1), pair and real-image indices; adm: a t and a noise for each
+    GAN input (G's term, D's fake and real), t < --gan-t-max, as DMD2's compute_cls_logits."""
     cfg, B, shape, dev = r.cfg, r.cfg.batch, r.shape, r.device
     g = rng(cfg, step, stream, dev)
     b = {"z": torch.randn((B, *shape), generator=g, device=dev),                          # (B, C, H, W)
-         "y": r.classes[torch.randint(len(r.classes), (B,), generator=g, device=dev)],    # labels of Y_k
+         "y": classes[torch.randint(len(classes), (B,), generator=g, device=dev)],        # labels of Y_k
          "sigma": tsm.sample_sigma_lognormal(B, cfg.P_mean, cfg.P_std, g, dev) if cfg.stage == "tsm"
          else dmd.sample_sigma(B, r.sigmas, cfg.t_min, cfg.t_max, g)}
     b["noise"] = torch.randn((B, *shape), generator=g, device=dev)
     if cfg.stage != "tsm":
         b["sigma_fake"] = dmd.sample_sigma(B, r.sigmas, 0, NUM_LEVELS, g)
         b["noise_fake"] = torch.randn((B, *shape), generator=g, device=dev)
-    if r.n_pairs and with_pairs:
-        b["pair_idx"] = torch.randint(r.n_pairs, (B,), generator=g, device=dev)
+    if n_pairs and with_pairs:
+        b["pair_idx"] = torch.randint(n_pairs, (B,), generator=g, device=dev)
     if r.n_real:
         b["real_idx"] = torch.randint(r.n_real, (B,), generator=g, device=dev)
     if cfg.stage == "adm":
@@ -445,13 +493,17 @@ def real_batch(real, idx, device):
 
 # ----------------------------------------------------------------------------- the losses
 
-def generator_losses(cfg, G, teacher, fake, critic, lpips_fn, b, pairs):
-    """G's loss terms on micro-batch b: DM (Eq. 6), regression (Eq. 9), GAN (adm). Returns (terms, x)."""
+def generator_losses(cfg, G, teacher, fake, critic, lpips_fn, b, pairs, K=1):
+    """G's loss terms on micro-batch b: DM (Eq. 6), regression (Eq. 9), GAN (adm). Returns (terms, x).
+    K > 1: b holds K students' blocks of rows, one after another (--all-students)."""
     terms = {}
     if cfg.lambda_reg:
         z_pair, y_pair, img_pair = (t[b["pair_idx"]] for t in pairs)
-        x_all = G(torch.cat([b["z"], z_pair]), torch.cat([b["y"], y_pair]))  # one forward for both terms
-        x, x_pair = x_all[:len(b["z"])], x_all[len(b["z"]):]
+        # one forward for both terms: each student's block holds its DM rows, then its pair rows
+        both = lambda u, v: torch.cat([u.unflatten(0, (K, -1)), v.unflatten(0, (K, -1))], 1).flatten(0, 1)  # noqa: E731
+        x_all = G(both(b["z"], z_pair), both(b["y"], y_pair)).unflatten(0, (K, -1))
+        n = len(b["z"]) // K
+        x, x_pair = x_all[:, :n].flatten(0, 1), x_all[:, n:].flatten(0, 1)
         terms["reg"] = dmd.regression_loss(x_pair, img_pair, lpips_fn, cfg.lpips_size)
     else:
         x = G(b["z"], b["y"])
@@ -495,11 +547,17 @@ def add_terms(acc, terms, scale):
         acc[k] = acc.get(k, 0) + v.detach().float() / scale
 
 
-def optimizer_step(cfg, params, opt, scaler):
-    """Unscale (fp16), clip to cfg.grad_clip, step unless the gradient is not finite. -> (norm, ok)."""
+def optimizer_step(cfg, module, opt, scaler):
+    """Unscale (fp16), clip to cfg.grad_clip, step unless the gradient is not finite. -> (norm, ok).
+    A stack clips each student's norm on its own (the norm returned is the students' mean) and skips
+    the step of all K when any is not finite."""
     if scaler is not None:
         scaler.unscale_(opt)
-    norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    if isinstance(module, stack.Stack):
+        norm = stack.clip_per_student(module, cfg.grad_clip)
+        norm = norm.mean() if bool(torch.isfinite(norm).all()) else norm.sum()
+    else:
+        norm = torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip)
     ok = bool(torch.isfinite(norm))  # the one host sync per update
     if scaler is not None:
         scaler.step(opt)  # skips by itself on inf
@@ -526,13 +584,13 @@ def update_generator(r, b_gen):
                 target = r.teacher_f if cfg.target == "teacher" else None
                 terms = {"tsm": tsm.tsm_loss(r.net_train, target, x, b["sigma"], y, r.sigma_data, b["noise"])}
             else:
-                terms, x = generator_losses(cfg, r.G, r.teacher_f, r.fake_f, r.critic_f, r.lpips_fn, b, r.pairs)
-            (weighted(cfg, terms) / r.accum).backward()
+                terms, x = generator_losses(cfg, r.G, r.teacher_f, r.fake_f, r.critic_f, r.lpips_fn, b, r.pairs, r.g_scale)
+            (weighted(cfg, terms) * r.g_scale / r.accum).backward()
         xs.append(x.detach())
         add_terms(terms_sum, terms, r.accum)
     if r.critic is not None:
         r.critic.requires_grad_(True)
-    norm, ok = optimizer_step(cfg, r.net.parameters(), r.opt_net, r.scalers[0])
+    norm, ok = optimizer_step(cfg, r.net, r.opt_net, r.scalers[0])
     if r.ema is not None and ok:
         beta = 0.5 ** (cfg.batch / (cfg.ema_halflife_kimg * 1000))
         with torch.no_grad():
@@ -554,9 +612,9 @@ def update_fake_score(r, b_gen, xs, step):
             real = real_batch(r.real, b["real_idx"], r.device) if cfg.stage == "adm" else None
             with no_sync(r, r.critic_train, i), amp(cfg, r.device):
                 terms = critic_losses(cfg, r.critic_train, xs[i], b, r.sigma_data, real)
-                (weighted(cfg, terms) / r.accum).backward()
+                (weighted(cfg, terms) * r.f_scale / r.accum).backward()
             add_terms(terms_sum, terms, r.accum * n)
-        norm, ok_j = optimizer_step(cfg, r.critic.parameters(), r.opt_critic, r.scalers[1])
+        norm, ok_j = optimizer_step(cfg, r.critic, r.opt_critic, r.scalers[1])
         terms_sum["gnorm_fake"] = terms_sum.get("gnorm_fake", 0) + norm.float() / n
         ok = ok and ok_j
     return terms_sum, ok
@@ -609,13 +667,14 @@ def log_and_checkpoint(r, step, b_gen, terms, ok):
         r.t_last, r.n_last, r.terms_acc = time.time(), step, {}
     if not r.master:
         return
-    if cfg.grad_probe_every and step % cfg.grad_probe_every == 0 and cfg.stage != "tsm":
+    if cfg.grad_probe_every and step % cfg.grad_probe_every == 0 and cfg.stage != "tsm" and not cfg.all_students:
         probe = grad_probe(r, {k: v[:r.micro] for k, v in b_gen.items()})  # G's batch (it has the pairs)
         print("grad probe (weighted |grad| on G): " + " ".join(f"{k} {v:.4g}" for k, v in probe.items()), flush=True)
         with open(os.path.join(out, "log.jsonl"), "a") as f:
             f.write(json.dumps({"step": step, "grad_probe": probe}) + "\n")
     if step % cfg.sample_every == 0 or step == cfg.iters:
-        save_samples(cfg, r.ema or r.net, r.partition, r.shape, r.device, step)
+        for folder, part, net in per_student(r, r.ema or r.net):
+            save_samples(cfg, net, part, r.shape, r.device, step, folder)
     if step % cfg.ckpt_every == 0 or step == cfg.iters:
         save_resume(cfg, step, {"partition": r.partition, "partitions": r.partitions, "skipped": r.skipped,
                                 "net": r.net.state_dict(), "opt_net": r.opt_net.state_dict(),
@@ -623,11 +682,26 @@ def log_and_checkpoint(r, step, b_gen, terms, ok):
                                 "opt_critic": r.opt_critic.state_dict() if r.critic is not None else None,
                                 "scalers": [s.state_dict() if s is not None else None for s in r.scalers],
                                 "ema": r.ema.state_dict() if r.ema is not None else None})
-        edm_unet.save_model(r.ema or r.net, os.path.join(out, "student.pt"), partition=r.partition,
-                            stage=cfg.stage, step=step, sigma_max=80.0)
+        for folder, part, net in per_student(r, r.ema or r.net):  # what sample.py students routes
+            edm_unet.save_model(net, os.path.join(folder, "student.pt"), partition=part,
+                                stage=cfg.stage, step=step, sigma_max=80.0)
         log_path = os.path.join(out, "log.jsonl")
         if os.path.exists(log_path) and sum(1 for _ in open(log_path)) >= 2:  # a curve needs two points
             curves.plot([out], os.path.join(out, "curves.png"))
+
+
+def per_student(r, net):
+    """(folder, classes, single network) of each student the run trains: --all-students unstacks
+    student k into --out/p{k}/, in a single run's format."""
+    if not isinstance(net, stack.Stack):
+        return [(r.cfg.out, r.partition, net)]
+    singles = []
+    for k, part in enumerate(r.partition):
+        single = copy.deepcopy(r.single)
+        single.load_state_dict(net.student(k))
+        os.makedirs(os.path.join(r.cfg.out, f"p{k}"), exist_ok=True)
+        singles.append((os.path.join(r.cfg.out, f"p{k}"), part, single))
+    return singles
 
 
 def save_resume(cfg, step, state, keep=2):
@@ -705,7 +779,7 @@ def grad_probe(r, b):
 
 
 @torch.no_grad()
-def save_samples(cfg, net, partition, shape, device, step, per_class=8):
+def save_samples(cfg, net, partition, shape, device, step, folder, per_class=8):
     """A grid, one row per class (up to 10 of the partition): one-step G, or 32 Heun steps (tsm)."""
     rows = partition[:: max(1, len(partition) // 10)][:10]
     y = torch.tensor([c for c in rows for _ in range(per_class)], device=device)
@@ -715,7 +789,7 @@ def save_samples(cfg, net, partition, shape, device, step, per_class=8):
     with amp(cfg, device):
         x = sample.heun_sampler(net, z, y, num_steps=32) if cfg.stage == "tsm" else edm_unet.OneStep(net)(z, y)
     net.train(was)
-    sample.save_grid(os.path.join(cfg.out, f"samples_{step:08d}.png"), sample.to_uint8(x.float()).cpu(), ncol=per_class)
+    sample.save_grid(os.path.join(folder, f"samples_{step:08d}.png"), sample.to_uint8(x.float()).cpu(), ncol=per_class)
 
 
 # ----------------------------------------------------------------------------- command line

@@ -5,13 +5,16 @@
     python bench/dm_step.py --arch "model_channels=32,img_resolution=8,attn_resolutions=(4,)" \
         --student-arch "model_channels=8,img_resolution=8,attn_resolutions=(4,)" --reg-loss mse --batch 32 --threads 1
                                                               # one step of bench/capacity.py's smallest students
+    python bench/dm_step.py ... --stack 1 2 5 10             # K students: K single steps vs one stacked step
 
 Runs the real loop (`msd.main`) on a random-weight teacher of the preset and a small random paired
 set (no download: LPIPS uses a random VGG of the real architecture, same cost as the pretrained
 one). --arch / --student-arch override the teacher's and the student's (G and the fake score start
 from it, as after TSM) architecture. The first --steps iterations are warm-up (and compilation);
 the figures are from the next --steps. --parts also times each part of the step on its own
-(synchronised), for a profile table.
+(synchronised), for a profile table. --stack K ... times, for each K, K students stepped one after
+another (K x one student's step), all K as one stack with K fake scores (msd.py --all-students) and
+with one shared fake score (--shared-fake), and prints the ratios.
 """
 import argparse
 import copy
@@ -24,6 +27,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dmd  # noqa: E402
 import edm_unet  # noqa: E402
 import msd  # noqa: E402
@@ -118,6 +122,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--steps", type=int, default=5, help="warm-up steps, then the same number measured")
     p.add_argument("--parts", action="store_true", help="also time each part of the step alone")
+    p.add_argument("--stack", type=int, nargs="+", default=None,
+                   help="K values: K sequential single-student steps vs one stacked step (separate / shared fake)")
+    p.add_argument("--results", default="", help="with --stack: also write the table and run.json into this folder")
     args = p.parse_args(argv)
     if args.parts and args.student_arch:
         p.error("--parts times teacher-shaped networks only; drop --student-arch to use it")
@@ -134,15 +141,18 @@ def main(argv=None):
         if args.student_arch:
             init = ["--init", os.path.join(tmp, "student.pt")]
             edm_unet.save_model(edm_unet.build(args.preset, **edm_unet.parse_overrides(args.student_arch)), init[1])
+        label_dim = D.cfg.label_dim
         del D
-        r = msd.main(["--teacher", teacher, "--pairs", os.path.join(tmp, "pairs.npz"), "--out", os.path.join(tmp, "out"),
-                      "--batch", str(args.batch), "--precision", args.precision, "--device", args.device,
-                      "--lpips-random", "--lpips-size", str(args.lpips_size), "--iters", str(2 * args.steps),
-                      "--log-every", str(args.steps), "--grad-probe-every", "0", "--sample-every", "1000000",
-                      "--ckpt-every", "1000000", "--num-students", "1", "--reg-loss", args.reg_loss, *init,
-                      *(["--compile"] if args.compile else []),
-                      *(["--channels-last"] if args.channels_last else [])])
-        log = r["log"]
+
+        def step(out, *extra):
+            return msd.main(["--teacher", teacher, "--pairs", os.path.join(tmp, "pairs.npz"), "--out", os.path.join(tmp, out),
+                             "--batch", str(args.batch), "--precision", args.precision, "--device", args.device,
+                             "--lpips-random", "--lpips-size", str(args.lpips_size), "--iters", str(2 * args.steps),
+                             "--log-every", str(args.steps), "--grad-probe-every", "0", "--sample-every", "1000000",
+                             "--ckpt-every", "1000000", "--reg-loss", args.reg_loss, *init,
+                             *(["--compile"] if args.compile else []),
+                             *(["--channels-last"] if args.channels_last else []), *extra])["log"]
+        log = step("out", "--num-students", "1")
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
         nets = args.preset + (f" {args.arch}" if args.arch else "") + (f", student {args.student_arch}" if args.student_arch else "")
         reg = f"LPIPS at {args.lpips_size} px" if args.reg_loss == "lpips" else "MSE regression"
@@ -151,6 +161,31 @@ def main(argv=None):
               + (f", peak {log['peak_gib']} GiB" if "peak_gib" in log else ""))
         if args.parts:
             parts(args, teacher, device)
+        if args.stack:
+            if max(args.stack) > label_dim or min(args.stack) < 1:
+                p.error(f"--stack: K must be 1..{label_dim} (the preset's classes), got {args.stack}")
+            t0, lines = time.time(), [f"| K students (batch {args.batch} each) | K sequential steps, ms | stacked, K fake "
+                                      f"scores, ms | speed-up | stacked, one shared fake score, ms | speed-up |",
+                                      "| --- | --- | --- | --- | --- | --- |"]
+            print("\n" + "\n".join(lines))
+            rows = []
+            for K in args.stack:
+                seq = K * step(f"seq{K}", "--num-students", str(K))["ms_per_iter"]  # one student's step, K times
+                sep = step(f"sep{K}", "--num-students", str(K), "--all-students")["ms_per_iter"]
+                shr = step(f"shr{K}", "--num-students", str(K), "--all-students", "--shared-fake",  # student-sized, as the K
+                           *(["--fake-init", init[1]] if init else []))["ms_per_iter"]              # fake scores start
+                rows.append(dict(K=K, sequential=seq, stacked=sep, shared=shr))
+                lines.append(f"| {K} | {seq:.1f} | {sep:.1f} | {seq / sep:.2f}x | {shr:.1f} | {seq / shr:.2f}x |")
+                print(lines[-1], flush=True)
+            log = dict(log, stack=rows)
+            if args.results:
+                import digits  # noqa: E402  (the benches' run.json writer)
+                os.makedirs(args.results, exist_ok=True)
+                with open(os.path.join(args.results, "table.md"), "w") as f:
+                    f.write(f"DM step of {nets}, {reg}, {args.precision}, {name}, {torch.get_num_threads()} thread(s), "
+                            f"ms per step of all K students (mean over {args.steps} steps after {args.steps} of warm-up):\n\n"
+                            + "\n".join(lines) + "\n")
+                digits.save_run(args.results, "bench/dm_step.py", argv if argv is not None else sys.argv[1:], time.time() - t0)
         return log
 
 

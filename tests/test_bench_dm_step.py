@@ -21,3 +21,29 @@ def test_dm_step_with_a_smaller_student(capsys):
         assert e.code == 2
     else:
         raise AssertionError("--parts with --student-arch was accepted")
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "bench", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_stack_mode_times_sequential_stacked_and_shared(tmp_path, capsys):
+    log = load("dm_step").main(["--arch", "model_channels=16,img_resolution=8,attn_resolutions=(4,)", "--student-arch",
+                                "model_channels=8,img_resolution=8,attn_resolutions=(4,)", "--reg-loss", "mse",
+                                "--batch", "4", "--steps", "1", "--threads", "1", "--stack", "1", "2",
+                                "--results", str(tmp_path / "speed")])
+    assert [r["K"] for r in log["stack"]] == [1, 2] and all(v > 0 for r in log["stack"] for v in r.values())
+    table = (tmp_path / "speed" / "table.md").read_text()
+    assert "| 2 |" in table and "x |" in table and (tmp_path / "speed" / "run.json").exists()
+    assert "one shared fake score" in capsys.readouterr().out
+
+
+def test_stack_memory_counts_parameters_and_adamw_state():
+    rows = load("stack_memory").main(["--k", "4"])
+    xs = [r for r in rows if r["student"] == "XS" and r["start"].startswith("the student")][0]
+    assert xs["generators"] == xs["fakes"] == 4 * 85_943_555 * 12 / 2 ** 30 and xs["shared"] == xs["fakes"] / 4
+    adm = [r for r in rows if r["student"] == "XXS" and "teacher" in r["start"]][0]
+    assert adm["fakes"] == 4 * 295_899_267 * 12 / 2 ** 30  # the ADM stage's fake scores start from the teacher B

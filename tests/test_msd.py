@@ -171,8 +171,8 @@ def test_fake_score_draws_all_levels_and_dm_t_includes_980():
     import types
     cfg = msd.Config(batch=20_000)
     sigmas = dmd.karras_sigmas(1000)
-    r = types.SimpleNamespace(cfg=cfg, shape=(1,), device=torch.device("cpu"), classes=torch.arange(3),
-                              sigmas=sigmas, n_pairs=0, n_real=0)
+    r = types.SimpleNamespace(cfg=cfg, shape=(1,), device=torch.device("cpu"), parts=[(torch.arange(3), 0, 0)],
+                              sigmas=sigmas, n_real=0)
     b = msd.draw_batch(r, step=0, stream=0)
     assert b["sigma_fake"].min() == sigmas[0] and b["sigma_fake"].max() == sigmas[999]
     assert b["sigma"].min() == sigmas[20] and b["sigma"].max() == sigmas[980]
@@ -227,7 +227,8 @@ def test_every_flag_has_help_with_its_default():
     assert len(parser_help) == len(msd.dataclasses.fields(msd.Config))
     for flag, text in parser_help.items():
         assert len(text) > 15, flag
-        assert "(default: " in text or flag in ("--lpips-random", "--compile", "--channels-last", "--resume"), flag
+        assert "(default: " in text or flag in ("--lpips-random", "--compile", "--channels-last", "--resume",
+                                                "--all-students", "--shared-fake"), flag
     assert "App. D.2" in parser_help["--lr"] and "default: 0.01" in parser_help["--weight-decay"]
 
 
@@ -252,8 +253,8 @@ def test_no_two_project_files_import_each_other():
 def adm_batch(batch=4096, gan_t_max=1000):
     import types
     cfg = msd.Config(stage="adm", batch=batch, gan_t_max=gan_t_max)
-    r = types.SimpleNamespace(cfg=cfg, shape=(1, 2, 2), device=torch.device("cpu"), classes=torch.arange(3),
-                              sigmas=dmd.karras_sigmas(1000), n_pairs=0, n_real=5)
+    r = types.SimpleNamespace(cfg=cfg, shape=(1, 2, 2), device=torch.device("cpu"), parts=[(torch.arange(3), 0, 0)],
+                              sigmas=dmd.karras_sigmas(1000), n_real=5)
     return r, msd.draw_batch(r, step=0, stream=0)
 
 
