@@ -217,6 +217,8 @@ def check_config(cfg):
         raise ValueError("--precision fp16 needs CUDA (GradScaler); use bf16 or fp32 on the CPU")
     if cfg.all_students and cfg.stage != "dm":
         raise ValueError(f"--all-students with --stage {cfg.stage}: the stack trains the dm stage only (so far)")
+    if cfg.all_students and cfg.channels_last:
+        raise ValueError("--channels-last with --all-students: a stack's weights have 5 dimensions (so far NCHW only)")
     if cfg.shared_fake and not cfg.all_students:
         raise ValueError("--shared-fake needs --all-students (one fake score serves the K students of one run)")
     if cfg.shared_fake and "{k}" in cfg.fake_init:
@@ -350,7 +352,7 @@ def setup(cfg):
     shape = (mcfg.img_channels, mcfg.img_resolution, mcfg.img_resolution)
     # data: paired set (dm), real images of the partition (adm: F_ADM, tsm). Each student draws its
     # batch from its own classes and its own pairs (all of them under F_DM: one copy serves all)
-    parts, pairs = [], None
+    pairs = None
     if cfg.stage == "dm" and cfg.lambda_reg:
         own = [load_pairs(cfg, part, mcfg, device) for part in (owned if cfg.reg_pairs == "own" else owned[:1])]
         pairs = tuple(torch.cat(t) for t in zip(*own))

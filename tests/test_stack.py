@@ -74,6 +74,7 @@ def test_all_students_resume_bit_exact_and_one_shared_fake_score(files, tmp_path
     assert sum(p.numel() for p in straight["net"].parameters()) == 2 * single  # two students
     for bad, expect in ((["--shared-fake"], "--shared-fake needs --all-students"),
                         (["--all-students", "--stage", "adm"], "--all-students with --stage adm"),
-                        (["--all-students", "--micro-batch", "2"], "one process without --micro-batch")):
+                        (["--all-students", "--micro-batch", "2"], "one process without --micro-batch"),
+                        (["--all-students", "--channels-last"], "--channels-last with --all-students")):
         with pytest.raises(ValueError, match=expect):
             msd.main(args(files, tmp_path / "x", *bad))
