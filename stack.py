@@ -71,3 +71,7 @@ def clip_per_student(stack, max_norm):
         g.mul_(coef.view(-1, *([1] * (g.ndim - 1))).to(g.dtype))
     return norms
 
+
+
+if __name__ == "__main__":
+    raise SystemExit("stack.py holds the stacked students; train them with python msd.py --all-students ... (python msd.py --help)")
