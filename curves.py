@@ -86,6 +86,7 @@ def plot(folders, out):
             for t, style in zip(probe_terms, ("-", "--", ":", "-.")):
                 ratio = [p["grad_probe"].get(t, np.nan) / p["grad_probe"]["dm"] for p in probes]
                 ax.plot(ps, ratio, style, marker=".", color=colour, label=f"{t} / dm" + (f", {name}" if len(runs) > 1 else ""))
+    batch = next((m.get("batch") for _, _, _, m in runs if m.get("batch")), None)
     for ax, k, title in zip(axes.flat, keys + ["probe"], titles):
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
@@ -94,7 +95,6 @@ def plot(folders, out):
             ax.set_yscale("log")
         else:
             ax.ticklabel_format(axis="y", useOffset=False)  # a constant lr reads as 0.0002, not 1e-16 + 2e-4
-        batch = next((m.get("batch") for _, _, _, m in runs if m.get("batch")), None)
         if batch:  # images seen on the top axis (all runs of one figure share the batch as a rule)
             top = ax.secondary_xaxis("top", functions=(lambda s, b=batch: s * b / 1000, lambda i, b=batch: i * 1000 / b))
             top.set_xlabel("kimg", fontsize=7)

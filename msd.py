@@ -449,7 +449,7 @@ def draw_batch(r, step, stream, with_pairs=True):
     run draws it, the K batches one after another (K*B rows; pair indices offset to its own pairs)."""
     parts = [draw_student_batch(r, step, stream, with_pairs, classes, n_pairs) for classes, n_pairs, _ in r.parts]
     for b, (_, _, offset) in zip(parts, r.parts):
-        if "pair_idx" in b:
+        if "pair_idx" in b and offset:
             b["pair_idx"] = b["pair_idx"] + offset
     return parts[0] if len(parts) == 1 else {k: torch.cat([b[k] for b in parts]) for k in parts[0]}
 
@@ -555,9 +555,8 @@ def optimizer_step(cfg, module, opt, scaler):
     the step of all K when any is not finite."""
     if scaler is not None:
         scaler.unscale_(opt)
-    if isinstance(module, stack.Stack):
-        norm = stack.clip_per_student(module, cfg.grad_clip)
-        norm = norm.mean() if bool(torch.isfinite(norm).all()) else norm.sum()
+    if isinstance(module, stack.Stack):  # norms are >= 0, so their mean is finite only if every one is
+        norm = stack.clip_per_student(module, cfg.grad_clip).mean()
     else:
         norm = torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip)
     ok = bool(torch.isfinite(norm))  # the one host sync per update
@@ -674,8 +673,10 @@ def log_and_checkpoint(r, step, b_gen, terms, ok):
         print("grad probe (weighted |grad| on G): " + " ".join(f"{k} {v:.4g}" for k, v in probe.items()), flush=True)
         with open(os.path.join(out, "log.jsonl"), "a") as f:
             f.write(json.dumps({"step": step, "grad_probe": probe}) + "\n")
+    students = None  # unstacked once per step, for the sample grids and the snapshots both
     if step % cfg.sample_every == 0 or step == cfg.iters:
-        for folder, part, net in per_student(r, r.ema or r.net):
+        students = per_student(r, r.ema or r.net)
+        for folder, part, net in students:
             save_samples(cfg, net, part, r.shape, r.device, step, folder)
     if step % cfg.ckpt_every == 0 or step == cfg.iters:
         save_resume(cfg, step, {"partition": r.partition, "partitions": r.partitions, "skipped": r.skipped,
@@ -684,7 +685,7 @@ def log_and_checkpoint(r, step, b_gen, terms, ok):
                                 "opt_critic": r.opt_critic.state_dict() if r.critic is not None else None,
                                 "scalers": [s.state_dict() if s is not None else None for s in r.scalers],
                                 "ema": r.ema.state_dict() if r.ema is not None else None})
-        for folder, part, net in per_student(r, r.ema or r.net):  # what sample.py students routes
+        for folder, part, net in students or per_student(r, r.ema or r.net):  # what sample.py students routes
             edm_unet.save_model(net, os.path.join(folder, "student.pt"), partition=part,
                                 stage=cfg.stage, step=step, sigma_max=80.0)
         log_path = os.path.join(out, "log.jsonl")
