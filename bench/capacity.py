@@ -3,12 +3,14 @@
     python bench/capacity.py            # the protocol of docs/capacity.md's final table (below)
     python bench/capacity.py --sizes 8 --ks 1 10 --pairs own   # a part of it: one filter, one K, one size
     python bench/capacity.py --quick    # the same pipeline in seconds (used by a test); its numbers mean nothing
+    python bench/capacity.py --sizes 8 --ks 1 5 10 --stacked       # each cell's K students as one stacked run
+    python bench/capacity.py --sizes 8 --ks 1 5 10 --shared-fake   # ... with one fake score for the K students
     python bench/capacity_ladder.py     # the final table and figure, from the results folders
 
 Each call writes bench/results/capacity/<name>/ (table.md, results.json, figure.png, run.json with the
 command, commit, CPU, torch version and seconds), <name> spelling every axis it ran, e.g.
-curve1800_sizes8_ks1-2-5_pairsall-own; finished runs in --out are reused, so parts of the study can run in
-separate calls. The whole default protocol has not run as one call: its parts took 5,437 s (size 8, three
+curve1800_sizes8_ks1-2-5_pairsall-own (+ _stacked or _shared: below); finished runs in --out are reused,
+so parts of the study can run in separate calls. The whole default protocol has not run as one call: its parts took 5,437 s (size 8, three
 calls), 2,718 s (size 32) and about 1,850 s (size 16, estimated from its step cost) on a 2-core AMD EPYC,
 so about 2.8 hours with the teacher.
 
@@ -32,6 +34,11 @@ The protocol is fixed here, before any run, and the README reads the results aga
     (the 5 blocks of 2 classes, to teacher samples of those classes); floors at the same sample count;
   * seeds 0, 1, 2 for the DM stage; mean +- std; "K beats 1" for a size only where the mean FD gap exceeds
     twice the pooled std of the two cells.
+
+--stacked trains each K > 1 cell's students as one run (msd.py --all-students, stack.py): the same runs up
+to float rounding, faster. --shared-fake adds msd.py --shared-fake: one fake score per cell, started from
+the size's K = 1 TSM student (the teacher at the teacher's size), a design beyond the paper (docs/stack.md).
+K = 1 cells are the plain runs in every mode (one student: nothing to stack or share).
 """
 import argparse
 import concurrent.futures as cf
@@ -76,14 +83,15 @@ def params(channels):
 
 # ----------------------------------------------------------------------------- training jobs (one process each)
 
-def job(argv, copy_to=None, threads=1):
+def job(argv, copy_to=None, threads=1, done=None):
     """One msd.py run in a worker process; returns its CPU seconds (one thread: its wall time on an idle
     core; unlike wall time, not inflated by other jobs), kept beside the checkpoint for a later study that
-    reuses the run (nan if that record is missing). copy_to: keep a copy of student.pt."""
+    reuses the run (nan if that record is missing). copy_to: keep a copy of student.pt. done: the file a
+    finished run leaves (default: --out's student.pt; a stacked run's last student)."""
     torch.set_num_threads(threads)
     t0 = time.process_time()
     out = argv[argv.index("--out") + 1]
-    ckpt = copy_to or os.path.join(out, "student.pt")
+    ckpt = copy_to or done or os.path.join(out, "student.pt")
     if os.path.exists(ckpt):
         return float(open(ckpt + ".cpu_s").read()) if os.path.exists(ckpt + ".cpu_s") else float("nan")
     digits.run(msd, argv)
@@ -131,8 +139,15 @@ def main(argv=None):
     p.add_argument("--pairs", nargs="+", choices=("all", "own"), default=None,
                    help=f"run only these regression filters (all: F_DM; own: --reg-pairs own, for the sizes "
                         f"{list(FULL['own_sizes'])} only)")
+    p.add_argument("--stacked", action="store_true",
+                   help="train each K > 1 cell's K students as one stacked run (msd.py --all-students): the same runs "
+                        "up to float rounding; results in <name>_stacked")
+    p.add_argument("--shared-fake", action="store_true",
+                   help="--stacked with one fake score per cell (msd.py --shared-fake), from the size's K = 1 TSM "
+                        "student; results in <name>_shared")
     args = p.parse_args(argv)
-    hp = dict(QUICK if args.quick else FULL, pairs=("all", "own"))
+    hp = dict(QUICK if args.quick else FULL, pairs=("all", "own"),
+              mode="shared" if args.shared_fake else "stacked" if args.stacked else "separate")
     if args.curve_iters is not None:
         if args.curve_iters < hp["every"] or args.curve_iters % hp["every"]:
             p.error(f"--curve-iters must be a positive multiple of {hp['every']}, got {args.curve_iters}")
@@ -162,9 +177,9 @@ def main(argv=None):
     n = hp["samples"]
     seeds_eval, seeds_floor = f"100000-{100000 + n - 1}", f"200000-{200000 + n - 1}"
     heun = ["--steps", str(hd["heun_steps"]), "--device", "cpu", "--batch", "500"]
-    for name, seeds in (("teacher_samples", seeds_eval), ("teacher_floor", seeds_floor)):
-        if not os.path.exists(j(name, "dataset.json")):
-            digits.run(sample, ["teacher", "--teacher", teacher, "--seeds", seeds, "--out", j(name), *heun])
+    for folder, seeds in (("teacher_samples", seeds_eval), ("teacher_floor", seeds_floor)):
+        if not os.path.exists(j(folder, "dataset.json")):
+            digits.run(sample, ["teacher", "--teacher", teacher, "--seeds", seeds, "--out", j(folder), *heun])
     tx, ty = digits.read(j("teacher_samples"))
     feats = lambda x, y: evaluate.features([(x, y)], clf, rgb=False)[0]
     refs = [evaluate.stats(feats(*test)), evaluate.stats(feats(tx, ty))]
@@ -194,7 +209,7 @@ def main(argv=None):
     # Stage 0 for the smaller sizes: TSM on each partition (seed 0), in parallel
     tsm_jobs, tsm_keys, init = [], [], {}
     for size in hp["sizes"]:
-        for K in ks_at(hp, size):
+        for K in ks_at(hp, size):  # K = 1 among them: its student starts a --shared-fake cell's fake score
             for k in range(K):
                 if size == TEACHER_SIZE:
                     init[size, K, k] = None
@@ -235,8 +250,20 @@ def main(argv=None):
         for _, reg, seed, K in cells:
             reg_k = run_reg(reg, K)
             for k in range(K):
-                where[size, reg, seed, K, k] = ckpt = student_ckpt(args.out, size, reg, seed, K, budget[size], k)
-                out = os.path.dirname(ckpt)
+                where[size, reg, seed, K, k] = student_ckpt(args.out, size, reg, seed, K, budget[size], k, hp["mode"])
+            if K > 1 and hp["mode"] != "separate":  # one stacked run writes the K students' folders p0 .. p{K-1}
+                out = os.path.dirname(os.path.dirname(where[size, reg, seed, K, 0]))
+                if out in queued:
+                    continue
+                queued.add(out)
+                args_k = dm_args(size, K, 0, seed, reg_k, out, init[size, K, 0] and init[size, K, 0].replace(
+                    f"K{K}p0", f"K{K}p{{k}}")) + ["--iters", str(budget[size]), "--all-students"]
+                if hp["mode"] == "shared":
+                    args_k += ["--shared-fake"] + (["--fake-init", init[size, 1, 0]] if init[size, 1, 0] else [])
+                grid_jobs.append(((size, reg_k, seed, K), (job, (args_k, None, 1, where[size, reg, seed, K, K - 1]))))
+                continue
+            for k in range(K):
+                out = os.path.dirname(where[size, reg, seed, K, k])
                 if (K == 1 and seed == 0) or out in queued:  # the curve's run, or one another cell queued
                     continue
                 queued.add(out)
@@ -289,7 +316,8 @@ def results_name(hp):
     ks = sorted({K for s in hp["sizes"] for K in ks_at(hp, s)})
     pairs = [reg for reg in hp["pairs"] if reg == "all" or set(hp["sizes"]) & set(hp["own_sizes"])]
     join = lambda v: "-".join(map(str, v))
-    return f"curve{hp['curve_iters']}_sizes{join(hp['sizes'])}_ks{join(ks)}_pairs{join(pairs)}"
+    mode = "" if hp.get("mode", "separate") == "separate" else f"_{hp['mode']}"
+    return f"curve{hp['curve_iters']}_sizes{join(hp['sizes'])}_ks{join(ks)}_pairs{join(pairs)}{mode}"
 
 
 def run_reg(reg, K):
@@ -307,11 +335,13 @@ def curve_ckpt(curve, steps):
     return os.path.join(curve, f"student_{steps:06d}.pt")
 
 
-def student_ckpt(root, size, reg, seed, K, steps, k):
-    """Checkpoint of student k of a grid cell; seed 0's single student is the K = 1 curve's run, stopped at `steps`."""
+def student_ckpt(root, size, reg, seed, K, steps, k, mode="separate"):
+    """Checkpoint of student k of a grid cell; seed 0's single student is the K = 1 curve's run, stopped at `steps`.
+    A K > 1 cell of --stacked or --shared-fake lives beside the separate runs' (reg_stacked, reg_shared)."""
     if K == 1 and seed == 0:
         return curve_ckpt(curve_dir(root, size), steps)
-    return os.path.join(root, f"c{size}", run_reg(reg, K), f"seed{seed}", f"K{K}", f"s{steps}", f"p{k}", "student.pt")
+    reg = run_reg(reg, K) + ("" if K == 1 or mode == "separate" else f"_{mode}")
+    return os.path.join(root, f"c{size}", reg, f"seed{seed}", f"K{K}", f"s{steps}", f"p{k}", "student.pt")
 
 
 def route(ckpts, seeds, out):
@@ -400,7 +430,7 @@ def figure(r, path, out, scratch):
         reg = "all" if any(x["reg"] == "all" and x["size"] == s for x in rows) else "own"
         names += [f"{s} ch K={K}" + (" own" if reg == "own" and K > 1 else "") for K in ks_at(hp, s)]
         for K in ks_at(hp, s):
-            ckpts = [student_ckpt(out, s, reg, 0, K, r["budget"][s], k) for k in range(K)]
+            ckpts = [student_ckpt(out, s, reg, 0, K, r["budget"][s], k, hp.get("mode", "separate")) for k in range(K)]
             x, y = route(ckpts, "300000-300499", scratch)
             row.append(torch.cat([torch.cat(list(x[y == c][:3, 0]), 1) for c in range(10)], 1))  # (8, 3 * 8 * 10)
         grid.append(torch.cat(row, 0))

@@ -23,7 +23,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import capacity  # noqa: E402  (the study: its student sizes)
 
-TABLES = sorted(glob.glob(os.path.join(HERE, "results", "capacity", "curve1800_*", "table.md")))
+TABLES = sorted(t for t in glob.glob(os.path.join(HERE, "results", "capacity", "curve1800_*", "table.md"))
+                if not t.endswith(("_stacked/table.md", "_shared/table.md")))  # the stack's studies: docs/stack.md
 REPORTS = [os.path.join(os.path.dirname(HERE), *p) for p in (("docs", "capacity.md"), ("README.md",))]
 BEGIN, END = "<!-- final table: written by bench/capacity_ladder.py -->", "<!-- end of the final table -->"
 
@@ -80,13 +81,13 @@ def final_table(cells, paths, base):
     return "\n".join(lines)
 
 
-def write_between_markers(path, text):
-    """Replace what lies between BEGIN and END in `path` (atomically); raises if the markers are missing."""
+def write_between_markers(path, text, begin=BEGIN, end=END):
+    """Replace what lies between `begin` and `end` in `path` (atomically); raises if the markers are missing."""
     doc = open(path).read()
-    if BEGIN not in doc or END not in doc:
-        raise ValueError(f"{path}: expected the markers {BEGIN!r} and {END!r}")
-    head, rest = doc.split(BEGIN, 1)
-    new = head + BEGIN + "\n" + text + "\n" + END + rest.split(END, 1)[1]
+    if begin not in doc or end not in doc:
+        raise ValueError(f"{path}: expected the markers {begin!r} and {end!r}")
+    head, rest = doc.split(begin, 1)
+    new = head + begin + "\n" + text + "\n" + end + rest.split(end, 1)[1]
     with open(path + ".tmp", "w") as f:
         f.write(new)
     os.replace(path + ".tmp", path)

@@ -1,5 +1,6 @@
 """bench/capacity.py: the budget and decision rules, and the whole pipeline at --quick size."""
 import importlib.util
+import json
 import os
 
 import numpy as np
@@ -54,7 +55,9 @@ def test_capacity_quick_pipeline(tmp_path, capsys):
     assert set(r["budget"]) == {8, 32} and all(b in r["steps"] for b in r["budget"].values())
     assert os.path.exists(tmp_path / "cap" / "c8" / "tsm" / "K5p4" / "student.pt")  # Stage 0 for the small size
     assert not os.path.exists(tmp_path / "cap" / "c32" / "tsm")  # the teacher-size students start from the teacher
-    assert "mean nothing" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "mean nothing" in printed and "results: " + os.path.join(  # the folder the full protocol would write
+        ROOT, "bench", "results", "capacity", "curve4_sizes8-32_ks1-2-5_pairsall-own") + " (not" in printed
     import glob
     import torch
     for reg in ("own", "all"):  # the own-pairs cells really trained with --reg-pairs own, F_DM's with all
@@ -87,6 +90,22 @@ def test_capacity_quick_pipeline(tmp_path, capsys):
     assert os.path.exists(tmp_path / "cap" / "c8" / "tsm" / "K10p9" / "student.pt")
     k1 = [b["fd_data"] for b in r2["rows"] if (b["size"], b["reg"], b["K"]) == (8, "all", 1)]
     assert np.isclose(r5["rows"][0]["fd_data"], k1[0], rtol=1e-4)  # the same K = 1 run
+    # --stacked: each K = 5 cell as one stacked run, the same runs up to float rounding; --shared-fake: one fake
+    # score per cell, from the K = 1 TSM student, in folders of their own
+    for mode in ("stacked", "shared"):
+        flag = "--stacked" if mode == "stacked" else "--shared-fake"
+        r6 = cap.main(["--quick", "--sizes", "8", "--ks", "1", "5", "--pairs", "own", "--curve-iters", "6", flag,
+                       "--out", str(tmp_path / "cap"), "--digits", str(tmp_path / "digits")])
+        assert cap.results_name(r6["hp"]).endswith(f"pairsown_{mode}") and [x["K"] for x in r6["rows"]] == [1, 5]
+        assert np.isclose(r6["rows"][0]["fd_data"], r4["rows"][0]["fd_data"], rtol=1e-4)  # K = 1: the same run
+        found = glob.glob(str(tmp_path / "cap" / "c8" / f"own_{mode}" / "seed0" / "K5" / "s*" / "resume-*.pt"))
+        cfg = torch.load(found[0], weights_only=True)["config"]
+        assert len(found) == 1 and cfg["all_students"] and cfg["reg_pairs"] == "own"
+        assert cfg["init"].endswith(os.path.join("K5p{k}", "student.pt"))
+        assert cfg["shared_fake"] == (mode == "shared")
+        assert cfg["fake_init"].endswith(os.path.join("tsm", "K1p0", "student.pt") if mode == "shared" else "")
+        if mode == "stacked":
+            assert np.isclose(r6["rows"][1]["fd_data"], r4["rows"][1]["fd_data"], rtol=1e-3)
     for bad in (["--curve-iters", "5"], ["--sizes", "12"], ["--sizes", "8", "8"], ["--ks", "2", "5"], ["--ks", "3"],
                 ["--ks", "10"], ["--ks", "1", "10", "10"], ["--pairs", "own", "--sizes", "32"],
                 ["--pairs", "own", "own"], ["--sizes", "32", "--ks", "1", "10"]):  # 5: not a multiple of 2; K = 1 is the baseline
@@ -167,3 +186,37 @@ def test_the_final_table_in_the_docs_is_the_scripts(tmp_path):
         assert "markers" in str(e)
     else:
         raise AssertionError("a file without markers was accepted")
+
+
+def test_shared_against_separate_applies_the_rule_per_cell(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("stack_quality", os.path.join(ROOT, "bench", "stack_quality.py"))
+    sq = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sq)
+    row = lambda reg, K, seed, fd: dict(size=8, reg=reg, K=K, seed=seed, fd_data=fd, fd_teacher=1.0, fd_blocks=[2.0],  # noqa: E731
+                                        class_std=[30.0, 20.0], wall=10.0)
+    study = lambda rows, t=45.0: dict(budget={"8": 1500}, teacher=dict(fd_data=t), hp=dict(samples=5000), rows=rows)  # noqa: E731
+    sep = study([row("all", 1, s, 80.0 + s) for s in range(3)] + [row("own", 5, s, 60.0 + s) for s in range(3)]
+                + [row("own", 10, s, 60.0 + s) for s in range(3)])
+    shr = study([row("all", 1, s, 80.0 + s) for s in range(3)] + [row("own", 5, s, 61.0 + s) for s in range(3)]
+                + [row("own", 10, s, 70.0 + 2 * s) for s in range(3)] + [row("all", 5, s, 50.0) for s in range(3)])
+    for name, r in (("sep", sep), ("shr", shr)):
+        os.makedirs(tmp_path / name)
+        (tmp_path / name / "results.json").write_text(json.dumps(r))
+    doc = tmp_path / "doc.md"
+    doc.write_text(f"before\n{sq.BEGIN}\nold\n{sq.END}\nafter\n")
+    verdicts = sq.main(["--separate", str(tmp_path / "sep"), "--shared", str(tmp_path / "shr"), "--reports", str(doc)])
+    # K = 5: gap +1, pooled std 1: within 2; K = 10: gap +11 (means 72 vs 61), pooled sqrt((4 + 1) / 2) = 1.58
+    assert verdicts[("own", 5)] == (1.0, 2.0, False)
+    assert np.isclose(verdicts[("own", 10)][0], 11.0) and verdicts[("own", 10)][2]
+    text = doc.read_text()
+    assert "old" not in text and text.startswith("before") and text.endswith("after\n")
+    assert "| yes, worse (+11.00 / 3.16) |" in text and "| no (+1.00 / 2.00) |" in text
+    assert "| 10 | 5.00x |" in text and "| 10 | 10.00x |" in text  # K runs of 10 s each against one of 10 s
+    assert ("all", 5) not in verdicts and "| not compared: the separate cell was not run |" in text
+    (tmp_path / "shr" / "results.json").write_text(json.dumps(dict(shr, teacher=dict(fd_data=44.0))))
+    try:  # two teachers: not one study
+        sq.main(["--separate", str(tmp_path / "sep"), "--shared", str(tmp_path / "shr")])
+    except ValueError as e:
+        assert "different teachers" in str(e)
+    else:
+        raise AssertionError("studies of two teachers were compared")

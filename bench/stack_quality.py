@@ -1,0 +1,107 @@
+"""One shared fake score against K separate ones: the quality study of docs/stack.md, read off two
+bench/capacity.py results folders of the same teacher (the separate cells, the shared cells).
+
+    python bench/capacity.py --sizes 8 --ks 1 5 10 --stacked       # K fake scores (each cell one stacked run)
+    python bench/capacity.py --sizes 8 --ks 1 5 10 --shared-fake   # one fake score per cell
+    python bench/stack_quality.py --results bench/results/stack/quality --reports docs/stack.md
+
+The rule was fixed before the runs (docs/stack.md): in a cell (filter, K), "shared differs from
+separate" where the gap of the mean FDs to data exceeds twice the pooled std of the two cells
+(n = 3 seeds each); the sign says which is better. The table goes between the markers of
+--reports, so no number in the report is typed by hand.
+"""
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import capacity  # noqa: E402  (the rule)
+import capacity_ladder  # noqa: E402  (the table between markers)
+
+RESULTS = os.path.join(HERE, "results", "capacity")
+SEPARATE = os.path.join(RESULTS, "curve1800_sizes8_ks1-5-10_pairsown_stacked")
+SHARED = os.path.join(RESULTS, "curve1800_sizes8_ks1-5-10_pairsall-own_shared")
+BEGIN, END = "<!-- quality table: written by bench/stack_quality.py -->", "<!-- end of the quality table -->"
+
+
+def load(folder):
+    with open(os.path.join(folder, "results.json")) as f:
+        return json.load(f)
+
+
+def compare(sep, shr):
+    """-> (markdown table, verdicts {(reg, K): (gap shared - separate, 2 x pooled std, differs)}); a shared
+    cell without its separate cell gets a row and no verdict. Raises unless both studies distil the same
+    teacher with the same budget."""
+    if sep["budget"] != shr["budget"]:
+        raise ValueError(f"the two studies differ in their budgets: {sep['budget']} against {shr['budget']}")
+    if not np.isclose(sep["teacher"]["fd_data"], shr["teacher"]["fd_data"], rtol=1e-6):
+        raise ValueError(f"the two studies distil different teachers: FD to data {sep['teacher']['fd_data']:.4f} "
+                         f"against {shr['teacher']['fd_data']:.4f}")
+    ms = lambda v, f: f"{np.mean(v):{f}} ± {np.std(v, ddof=1) if len(v) > 1 else 0:{f}}"  # noqa: E731
+    lines = ["| size | pairs | K | fake scores | FD to data | FD to teacher | per-partition FD | within-class std "
+             "(mean / lowest) | CPU s per run | against K single runs | shared differs? (shared - separate / 2 x pooled std) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    single = [x["wall"] for r in (sep, shr) for x in r["rows"] if x["K"] == 1 and x["wall"] is not None]
+    single = np.mean(single) if single else float("nan")  # CPU s of one single-student run (the K = 1 cells)
+    verdicts = {}
+    cells = sorted({(x["size"], x["reg"], x["K"]) for x in shr["rows"] if x["K"] > 1})
+    for size, reg, K in cells:
+        pick = lambda r: [x for x in r["rows"] if (x["size"], x["reg"], x["K"]) == (size, reg, K)]  # noqa: E731
+        a, b = pick(sep), pick(shr)
+        if a:
+            gap, pooled, _ = capacity.decide([x["fd_data"] for x in b], [x["fd_data"] for x in a])  # shared - separate
+            verdicts[reg, K] = (gap, 2 * pooled, bool(abs(gap) > 2 * pooled))
+        for name, c in (("K separate", a), ("one shared", b)):
+            verdict = "" if a else "not compared: the separate cell was not run"
+            if not c:
+                continue
+            if name == "one shared" and a:
+                word = ("yes, worse" if gap > 0 else "yes, better") if verdicts[reg, K][2] else "no"
+                verdict = f"{word} ({gap:+.2f} / {2 * pooled:.2f})"
+            walls = [x["wall"] for x in c if x["wall"] is not None]
+            lines.append(f"| {size} ch | {reg} | {K} | {name} | {ms([x['fd_data'] for x in c], '.2f')} | "
+                         f"{ms([x['fd_teacher'] for x in c], '.2f')} | {ms([np.mean(x['fd_blocks']) for x in c], '.2f')} | "
+                         f"{np.mean([np.mean(x['class_std']) for x in c]):.1f} / "
+                         f"{np.mean([min(x['class_std']) for x in c]):.1f} | "
+                         f"{np.mean(walls) if walls else float('nan'):.0f} | "
+                         f"{K * single / np.mean(walls) if walls else float('nan'):.2f}x | {verdict} |")
+    base = [x["fd_data"] for x in sep["rows"] if x["K"] == 1 and x["reg"] == "all"]
+    lines += ["", f"mean ± std (ddof 1) over seeds {sorted({x['seed'] for x in shr['rows']})}, "
+              f"{shr['hp']['samples']} routed samples per run, {shr['budget']} steps per student. Teacher: FD to data "
+              f"{shr['teacher']['fd_data']:.2f}; K = 1 (the same runs in both studies): FD to data {ms(base, '.2f')}. "
+              "CPU s per run: one stacked msd.py run of all K students (DM stage, one thread); against K single runs: "
+              f"K x {single:.0f} s (the mean CPU s of the timed K = 1 runs, one student each) over it.", ""]
+    return "\n".join(lines), verdicts
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--separate", default=SEPARATE, help="results folder of the K-fake-score cells")
+    p.add_argument("--shared", default=SHARED, help="results folder of the shared-fake-score cells")
+    p.add_argument("--results", default="", help="also write table.md and run.json into this folder")
+    p.add_argument("--reports", nargs="*", default=[], help="files whose quality table is rewritten between its markers")
+    args = p.parse_args(argv)
+    for folder in (args.separate, args.shared):
+        if not os.path.exists(os.path.join(folder, "results.json")):
+            p.error(f"{folder!r} holds no results.json (run bench/capacity.py first: see --help)")
+    table, verdicts = compare(load(args.separate), load(args.shared))
+    print(table)
+    if args.results:
+        import digits  # noqa: E402  (the benches' run.json writer)
+        os.makedirs(args.results, exist_ok=True)
+        with open(os.path.join(args.results, "table.md"), "w") as f:
+            f.write(table)
+        digits.save_run(args.results, "bench/stack_quality.py", argv if argv is not None else sys.argv[1:], 0)
+    for path in args.reports:
+        capacity_ladder.write_between_markers(path, table, BEGIN, END)
+        print(f"wrote the quality table into {path}")
+    return verdicts
+
+
+if __name__ == "__main__":
+    main()
