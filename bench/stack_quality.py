@@ -70,7 +70,7 @@ def compare(sep, shr):
                          f"{np.mean([min(x['class_std']) for x in c]):.1f} | "
                          f"{np.mean(walls) if walls else float('nan'):.0f} | "
                          f"{K * single / np.mean(walls) if walls else float('nan'):.2f}x | {verdict} |")
-    base = [x["fd_data"] for x in sep["rows"] if x["K"] == 1 and x["reg"] == "all"]
+    base = list({x["seed"]: x["fd_data"] for x in sep["rows"] if x["K"] == 1}.values())  # both filters' K = 1: one run
     lines += ["", f"mean ± std (ddof 1) over seeds {sorted({x['seed'] for x in shr['rows']})}, "
               f"{shr['hp']['samples']} routed samples per run, {shr['budget']} steps per student. Teacher: FD to data "
               f"{shr['teacher']['fd_data']:.2f}; K = 1 (the same runs in both studies): FD to data {ms(base, '.2f')}. "

@@ -220,3 +220,13 @@ def test_shared_against_separate_applies_the_rule_per_cell(tmp_path, capsys):
         assert "different teachers" in str(e)
     else:
         raise AssertionError("studies of two teachers were compared")
+
+
+def test_the_quality_table_in_the_docs_is_the_scripts():
+    spec = importlib.util.spec_from_file_location("stack_quality", os.path.join(ROOT, "bench", "stack_quality.py"))
+    sq = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sq)
+    table, verdicts = sq.compare(sq.load(sq.SEPARATE), sq.load(sq.SHARED))  # the committed results folders
+    assert set(verdicts) == {("own", 5), ("own", 10)}
+    assert open(os.path.join(ROOT, "bench", "results", "stack", "quality", "table.md")).read() == table
+    assert sq.BEGIN + "\n" + table + "\n" + sq.END in open(os.path.join(ROOT, "docs", "stack.md")).read()
