@@ -10,8 +10,8 @@
 Each call writes bench/results/capacity/<name>/ (table.md, results.json, figure.png, run.json with the
 command, commit, CPU, torch version and seconds), <name> spelling every axis it ran, e.g.
 curve1800_sizes8_ks1-2-5_pairsall-own (+ _stacked or _shared: below); finished runs in --out are reused,
-so parts of the study can run in separate calls. The whole default protocol has not run as one call: its parts took 5,437 s (size 8, three
-calls), 2,718 s (size 32) and about 1,850 s (size 16, estimated from its step cost) on a 2-core AMD EPYC,
+so parts of the study can run in separate calls. The whole default protocol has not run as one call: its
+parts took 5,437 s (size 8, three calls), 2,718 s (size 32) and about 1,850 s (size 16, estimated from its step cost) on a 2-core AMD EPYC,
 so about 2.8 hours with the teacher.
 
 The protocol is fixed here, before any run, and the README reads the results against it:
@@ -214,7 +214,7 @@ def main(argv=None):
                 if size == TEACHER_SIZE:
                     init[size, K, k] = None
                     continue
-                out = j(f"c{size}", "tsm", f"K{K}p{k}")
+                out = tsm_dir(args.out, size, K, k)
                 init[size, K, k] = os.path.join(out, "student.pt")
                 tsm_keys.append(f"{size} ch, K={K}")
                 tsm_jobs.append((job, (["--stage", "tsm", "--teacher", teacher, "--preset", "tiny", "--arch", arch(size),
@@ -256,8 +256,8 @@ def main(argv=None):
                 if out in queued:
                     continue
                 queued.add(out)
-                args_k = dm_args(size, K, 0, seed, reg_k, out, init[size, K, 0] and init[size, K, 0].replace(
-                    f"K{K}p0", f"K{K}p{{k}}")) + ["--iters", str(budget[size]), "--all-students"]
+                each = init[size, K, 0] and os.path.join(tsm_dir(args.out, size, K, "{k}"), "student.pt")  # msd.py fills {k}
+                args_k = dm_args(size, K, 0, seed, reg_k, out, each) + ["--iters", str(budget[size]), "--all-students"]
                 if hp["mode"] == "shared":
                     args_k += ["--shared-fake"] + (["--fake-init", init[size, 1, 0]] if init[size, 1, 0] else [])
                 grid_jobs.append(((size, reg_k, seed, K), (job, (args_k, None, 1, where[size, reg, seed, K, K - 1]))))
@@ -323,6 +323,11 @@ def results_name(hp):
 def run_reg(reg, K):
     """The filter a cell's runs train with: a single student owns every pair, so both filters are one run."""
     return "all" if K == 1 else reg
+
+
+def tsm_dir(root, size, K, k):
+    """Folder of the TSM run of student k of K (k may be msd.py's "{k}" pattern)."""
+    return os.path.join(root, f"c{size}", "tsm", f"K{K}p{k}")
 
 
 def curve_dir(root, size):
