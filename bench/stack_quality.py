@@ -1,7 +1,8 @@
-"""One shared fake score against K separate ones: the quality study of docs/stack.md, read off two
+"""One shared fake score against K separate ones: the quality study of docs/stack.md, read off
 bench/capacity.py results folders of the same teacher (the separate cells, the shared cells).
 
-    python bench/capacity.py --sizes 8 --ks 1 5 10 --stacked       # K fake scores (each cell one stacked run)
+    python bench/capacity.py --sizes 8 --ks 1 5 10 --pairs own --stacked   # K fake scores (each cell one stacked run)
+    python bench/capacity.py --sizes 8 --ks 1 5 10 --pairs all --stacked   # (the separate cells: two calls)
     python bench/capacity.py --sizes 8 --ks 1 5 10 --shared-fake   # one fake score per cell
     python bench/stack_quality.py --results bench/results/stack/quality --reports docs/stack.md
 
@@ -23,25 +24,36 @@ import capacity  # noqa: E402  (the rule)
 import capacity_ladder  # noqa: E402  (the table between markers)
 
 RESULTS = os.path.join(HERE, "results", "capacity")
-SEPARATE = os.path.join(RESULTS, "curve1800_sizes8_ks1-5-10_pairsown_stacked")
+SEPARATE = [os.path.join(RESULTS, f"curve1800_sizes8_ks1-5-10_pairs{reg}_stacked") for reg in ("own", "all")]
 SHARED = os.path.join(RESULTS, "curve1800_sizes8_ks1-5-10_pairsall-own_shared")
 BEGIN, END = "<!-- quality table: written by bench/stack_quality.py -->", "<!-- end of the quality table -->"
 
 
-def load(folder):
-    with open(os.path.join(folder, "results.json")) as f:
-        return json.load(f)
+def load(*folders):
+    """results.json of one study, or of several calls of it (their rows joined; they must share teacher and budget)."""
+    studies = []
+    for folder in folders:
+        with open(os.path.join(folder, "results.json")) as f:
+            studies.append(json.load(f))
+    for other in studies[1:]:
+        same(studies[0], other)
+    return dict(studies[0], rows=[x for s in studies for x in s["rows"]])
+
+
+def same(a, b):
+    """Raises unless two studies distil the same teacher with the same budget."""
+    if a["budget"] != b["budget"]:
+        raise ValueError(f"the two studies differ in their budgets: {a['budget']} against {b['budget']}")
+    if not np.isclose(a["teacher"]["fd_data"], b["teacher"]["fd_data"], rtol=1e-6):
+        raise ValueError(f"the two studies distil different teachers: FD to data {a['teacher']['fd_data']:.4f} "
+                         f"against {b['teacher']['fd_data']:.4f}")
 
 
 def compare(sep, shr):
     """-> (markdown table, verdicts {(reg, K): (gap shared - separate, 2 x pooled std, differs)}); a shared
     cell without its separate cell gets a row and no verdict. Raises unless both studies distil the same
     teacher with the same budget."""
-    if sep["budget"] != shr["budget"]:
-        raise ValueError(f"the two studies differ in their budgets: {sep['budget']} against {shr['budget']}")
-    if not np.isclose(sep["teacher"]["fd_data"], shr["teacher"]["fd_data"], rtol=1e-6):
-        raise ValueError(f"the two studies distil different teachers: FD to data {sep['teacher']['fd_data']:.4f} "
-                         f"against {shr['teacher']['fd_data']:.4f}")
+    same(sep, shr)
     ms = lambda v, f: f"{np.mean(v):{f}} ± {np.std(v, ddof=1) if len(v) > 1 else 0:{f}}"  # noqa: E731
     lines = ["| size | pairs | K | fake scores | FD to data | FD to teacher | per-partition FD | within-class std "
              "(mean / lowest) | CPU s per run | against K single runs | shared differs? (shared - separate / 2 x pooled std) |",
@@ -81,15 +93,15 @@ def compare(sep, shr):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--separate", default=SEPARATE, help="results folder of the K-fake-score cells")
+    p.add_argument("--separate", nargs="+", default=SEPARATE, help="results folders of the K-fake-score cells")
     p.add_argument("--shared", default=SHARED, help="results folder of the shared-fake-score cells")
     p.add_argument("--results", default="", help="also write table.md and run.json into this folder")
     p.add_argument("--reports", nargs="*", default=[], help="files whose quality table is rewritten between its markers")
     args = p.parse_args(argv)
-    for folder in (args.separate, args.shared):
+    for folder in (*args.separate, args.shared):
         if not os.path.exists(os.path.join(folder, "results.json")):
             p.error(f"{folder!r} holds no results.json (run bench/capacity.py first: see --help)")
-    table, verdicts = compare(load(args.separate), load(args.shared))
+    table, verdicts = compare(load(*args.separate), load(args.shared))
     print(table)
     if args.results:
         import digits  # noqa: E402  (the benches' run.json writer)

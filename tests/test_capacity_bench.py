@@ -195,38 +195,51 @@ def test_shared_against_separate_applies_the_rule_per_cell(tmp_path, capsys):
     row = lambda reg, K, seed, fd: dict(size=8, reg=reg, K=K, seed=seed, fd_data=fd, fd_teacher=1.0, fd_blocks=[2.0],  # noqa: E731
                                         class_std=[30.0, 20.0], wall=10.0)
     study = lambda rows, t=45.0: dict(budget={"8": 1500}, teacher=dict(fd_data=t), hp=dict(samples=5000), rows=rows)  # noqa: E731
-    sep = study([row("all", 1, s, 80.0 + s) for s in range(3)] + [row("own", 5, s, 60.0 + s) for s in range(3)]
-                + [row("own", 10, s, 60.0 + s) for s in range(3)])
-    shr = study([row("all", 1, s, 80.0 + s) for s in range(3)] + [row("own", 5, s, 61.0 + s) for s in range(3)]
-                + [row("own", 10, s, 70.0 + 2 * s) for s in range(3)] + [row("all", 5, s, 50.0) for s in range(3)])
-    for name, r in (("sep", sep), ("shr", shr)):
+    k1 = [row("all", 1, s, 80.0 + s) for s in range(3)]
+    sep_own = study(k1 + [row("own", 5, s, 60.0 + s) for s in range(3)] + [row("own", 10, s, 60.0 + s) for s in range(3)])
+    sep_all = study(k1 + [row("all", 5, s, 56.0 + s) for s in range(3)])  # the separate cells in two calls
+    shr = study(k1 + [row("own", 5, s, 61.0 + s) for s in range(3)] + [row("own", 10, s, 70.0 + 2 * s) for s in range(3)]
+                + [row("all", 5, s, 50.0 + s) for s in range(3)] + [row("all", 10, s, 50.0) for s in range(3)])
+    for name, r in (("sep_own", sep_own), ("sep_all", sep_all), ("shr", shr)):
         os.makedirs(tmp_path / name)
         (tmp_path / name / "results.json").write_text(json.dumps(r))
+    seps = [str(tmp_path / "sep_own"), str(tmp_path / "sep_all")]
     doc = tmp_path / "doc.md"
     doc.write_text(f"before\n{sq.BEGIN}\nold\n{sq.END}\nafter\n")
-    verdicts = sq.main(["--separate", str(tmp_path / "sep"), "--shared", str(tmp_path / "shr"), "--reports", str(doc)])
+    verdicts = sq.main(["--separate", *seps, "--shared", str(tmp_path / "shr"), "--reports", str(doc)])
     # K = 5: gap +1, pooled std 1: within 2; K = 10: gap +11 (means 72 vs 61), pooled sqrt((4 + 1) / 2) = 1.58
     assert verdicts[("own", 5)] == (1.0, 2.0, False)
     assert np.isclose(verdicts[("own", 10)][0], 11.0) and verdicts[("own", 10)][2]
+    assert verdicts[("all", 5)] == (-6.0, 2.0, True)  # F_DM, from the second separate folder
     text = doc.read_text()
     assert "old" not in text and text.startswith("before") and text.endswith("after\n")
     assert "| yes, worse (+11.00 / 3.16) |" in text and "| no (+1.00 / 2.00) |" in text
+    assert "| yes, better (-6.00 / 2.00) |" in text
     assert "| 10 | 5.00x |" in text and "| 10 | 10.00x |" in text  # K runs of 10 s each against one of 10 s
-    assert ("all", 5) not in verdicts and "| not compared: the separate cell was not run |" in text
-    (tmp_path / "shr" / "results.json").write_text(json.dumps(dict(shr, teacher=dict(fd_data=44.0))))
-    try:  # two teachers: not one study
-        sq.main(["--separate", str(tmp_path / "sep"), "--shared", str(tmp_path / "shr")])
+    assert ("all", 10) not in verdicts and "| not compared: the separate cell was not run |" in text
+    for bad, words in ((dict(shr, teacher=dict(fd_data=44.0)), "different teachers"),
+                       (dict(shr, budget={"8": 900}), "budgets")):
+        (tmp_path / "shr" / "results.json").write_text(json.dumps(bad))
+        try:  # two teachers or two budgets: not one study
+            sq.main(["--separate", *seps, "--shared", str(tmp_path / "shr")])
+        except ValueError as e:
+            assert words in str(e)
+        else:
+            raise AssertionError(f"studies with {words} were compared")
+    (tmp_path / "sep_all" / "results.json").write_text(json.dumps(dict(sep_all, teacher=dict(fd_data=44.0))))
+    try:  # the separate calls themselves must share their teacher
+        sq.load(*seps)
     except ValueError as e:
         assert "different teachers" in str(e)
     else:
-        raise AssertionError("studies of two teachers were compared")
+        raise AssertionError("separate calls of two teachers were joined")
 
 
 def test_the_quality_table_in_the_docs_is_the_scripts():
     spec = importlib.util.spec_from_file_location("stack_quality", os.path.join(ROOT, "bench", "stack_quality.py"))
     sq = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sq)
-    table, verdicts = sq.compare(sq.load(sq.SEPARATE), sq.load(sq.SHARED))  # the committed results folders
-    assert set(verdicts) == {("own", 5), ("own", 10)}
+    table, verdicts = sq.compare(sq.load(*sq.SEPARATE), sq.load(sq.SHARED))  # the committed results folders
+    assert set(verdicts) == {(reg, K) for reg in ("own", "all") for K in (5, 10)}
     assert open(os.path.join(ROOT, "bench", "results", "stack", "quality", "table.md")).read() == table
     assert sq.BEGIN + "\n" + table + "\n" + sq.END in open(os.path.join(ROOT, "docs", "stack.md")).read()
