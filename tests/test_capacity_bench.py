@@ -4,6 +4,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -109,12 +110,9 @@ def test_capacity_quick_pipeline(tmp_path, capsys):
     for bad in (["--curve-iters", "5"], ["--sizes", "12"], ["--sizes", "8", "8"], ["--ks", "2", "5"], ["--ks", "3"],
                 ["--ks", "10"], ["--ks", "1", "10", "10"], ["--pairs", "own", "--sizes", "32"],
                 ["--pairs", "own", "own"], ["--sizes", "32", "--ks", "1", "10"]):  # 5: not a multiple of 2; K = 1 is the baseline
-        try:
+        with pytest.raises(SystemExit) as e:
             cap.main(["--quick", *bad])
-        except SystemExit as e:
-            assert e.code == 2
-        else:
-            raise AssertionError(f"{bad} was accepted")
+        assert e.value.code == 2, bad
 
 
 def test_ladder_figure_reads_the_results_tables(tmp_path, capsys):
@@ -142,12 +140,9 @@ def test_ladder_figure_reads_the_results_tables(tmp_path, capsys):
     assert "own pairs K = 1" not in drawn
     lad.main(["--tables", str(tmp_path / "a.md"), "--pairs", "all", "--out", str(out), "--reports"])
     assert "own pairs" not in capsys.readouterr().out
-    try:  # the same cell with another value in two tables: not the same runs
+    with pytest.raises(ValueError) as e:  # the same cell with another value in two tables: not the same runs
         lad.merge([str(tmp_path / "a.md"), str(tmp_path / "bad.md")])
-    except ValueError as e:
-        assert "(8, 'all', 1)" in str(e)
-    else:
-        raise AssertionError("conflicting tables were merged")
+    assert "(8, 'all', 1)" in str(e.value)
 
 
 def test_results_folders_are_named_by_every_axis_and_record_their_run(tmp_path):
@@ -180,12 +175,9 @@ def test_the_final_table_in_the_docs_is_the_scripts(tmp_path):
     lad.write_between_markers(str(doc), "new")
     assert doc.read_text() == "intro\n" + lad.BEGIN + "\nnew\n" + lad.END + "\nafter\n"
     doc.write_text("no markers")
-    try:
+    with pytest.raises(ValueError) as e:
         lad.write_between_markers(str(doc), "new")
-    except ValueError as e:
-        assert "markers" in str(e)
-    else:
-        raise AssertionError("a file without markers was accepted")
+    assert "markers" in str(e.value)
 
 
 def test_shared_against_separate_applies_the_rule_per_cell(tmp_path, capsys):
@@ -220,19 +212,13 @@ def test_shared_against_separate_applies_the_rule_per_cell(tmp_path, capsys):
     for bad, words in ((dict(shr, teacher=dict(fd_data=44.0)), "different teachers"),
                        (dict(shr, budget={"8": 900}), "budgets")):
         (tmp_path / "shr" / "results.json").write_text(json.dumps(bad))
-        try:  # two teachers or two budgets: not one study
+        with pytest.raises(ValueError) as e:  # two teachers or two budgets: not one study
             sq.main(["--separate", *seps, "--shared", str(tmp_path / "shr")])
-        except ValueError as e:
-            assert words in str(e)
-        else:
-            raise AssertionError(f"studies with {words} were compared")
+        assert words in str(e.value)
     (tmp_path / "sep_all" / "results.json").write_text(json.dumps(dict(sep_all, teacher=dict(fd_data=44.0))))
-    try:  # the separate calls themselves must share their teacher
+    with pytest.raises(ValueError) as e:  # the separate calls themselves must share their teacher
         sq.load(*seps)
-    except ValueError as e:
-        assert "different teachers" in str(e)
-    else:
-        raise AssertionError("separate calls of two teachers were joined")
+    assert "different teachers" in str(e.value)
 
 
 def test_the_quality_table_in_the_docs_is_the_scripts():
