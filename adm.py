@@ -49,7 +49,8 @@ class GANHead(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, h):
-        return self.net(h.float()).squeeze(1)
+        with edm_unet.float32(h):  # DMD2's compute_cls_logits: the head runs in float32 on rep.float()
+            return self.net(h.float()).squeeze(1)
 
     @classmethod
     def for_denoiser(cls, denoiser: edm_unet.EDMPrecond, width=WIDTH):

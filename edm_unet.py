@@ -15,10 +15,16 @@ rebuilders, OrderedDict, EasyDict, ModuleDict, numpy scalars), replaces EDM's pe
 (which would exec the embedded source) with one that returns its metadata, and refuses anything
 else with an error naming the global. Our own checkpoints are {'config', 'state_dict', ...},
 written atomically and read with torch.load(weights_only=True). Mixed precision is the caller's
-choice (torch.autocast around the call); the preconditioning and c_skip x + c_out F stay float32.
+choice (torch.autocast around the call). What EDM keeps in float32 under mixed precision stays
+float32 here too: the preconditioning and c_skip x + c_out F, the noise and label embedding
+(mapping) path, and each block's affine(emb) (cast to the activations' dtype after it). The
+attention softmax runs inside PyTorch's fused scaled_dot_product_attention, whose kernels keep
+the softmax's running max and sum in float32 for half inputs (EDM's AttentionOp: float32 too).
+GroupNorm follows autocast: float32 on CUDA, the low-precision dtype on the CPU.
 """
 import argparse
 import ast
+import contextlib
 import copy
 import io
 import math
@@ -70,6 +76,12 @@ def precond(sigma, sigma_data):
 
 
 # ----------------------------------------------------------------------------- the UNet F
+
+def float32(like):
+    """Autocast off for a region that stays float32 under mixed precision (on `like`'s device)."""
+    kind = like.device.type
+    return torch.autocast(kind, enabled=False) if kind != "meta" else contextlib.nullcontext()
+
 
 def group_norm(channels):
     return nn.GroupNorm(min(32, channels // 4), channels, eps=1e-5)
@@ -136,7 +148,9 @@ class UNetBlock(nn.Module):
 
     def forward(self, x, emb):  # x: (B, cin, H, W), emb: (B, E)
         h = self.conv0(self.resample(F.silu(self.norm0(x))))
-        scale, shift = self.affine(emb)[:, :, None, None].chunk(2, dim=1)
+        with float32(emb):  # EDM: affine(emb) in float32, then cast to the activations' dtype
+            params = self.affine(emb)
+        scale, shift = params.to(h.dtype)[:, :, None, None].chunk(2, dim=1)
         h = F.silu(torch.addcmul(shift, self.norm1(h), scale + 1))
         h = self.conv1(self.dropout(h))
         h = h + (x if self.skip is None else self.skip(x))
@@ -196,15 +210,19 @@ class UNet(nn.Module):
         self.feature_hook = None  # callable(h (B, C, r, r), emb) run on the middle block's output (adm.py)
 
     def embed(self, c_noise, labels):
-        """Sinusoidal noise embedding (cos first) -> MLP, + label embedding, SiLU. -> (B, E)."""
+        """Sinusoidal noise embedding (cos first) -> MLP, + label embedding, SiLU. -> (B, E) float32.
+
+        EDM runs this mapping path in float32 under mixed precision (its inputs c_noise and the
+        one-hot labels are float32, and its layers compute in their input's dtype); so do we."""
         half = self.cfg.model_channels // 2
-        freqs = (1 / 10000) ** (torch.arange(half, device=c_noise.device, dtype=torch.float32) / half)
-        ang = c_noise.float()[:, None] * freqs  # (B, half)
-        emb = torch.cat([ang.cos(), ang.sin()], dim=1)
-        emb = self.map_layer1(F.silu(self.map_layer0(emb)))
-        if self.map_label is not None:
-            emb = emb + self.map_label(labels)
-        return F.silu(emb)
+        with float32(c_noise):
+            freqs = (1 / 10000) ** (torch.arange(half, device=c_noise.device, dtype=torch.float32) / half)
+            ang = c_noise.float()[:, None] * freqs  # (B, half)
+            emb = torch.cat([ang.cos(), ang.sin()], dim=1)
+            emb = self.map_layer1(F.silu(self.map_layer0(emb)))
+            if self.map_label is not None:
+                emb = emb + self.map_label(labels.float())
+            return F.silu(emb)
 
     def forward(self, x, c_noise, labels):
         emb = self.embed(c_noise, labels)

@@ -17,10 +17,12 @@ The defaults are the paper's ImageNet-64 recipe (App. D.2: DM 200k steps at batc
 LPIPS-VGG, whose pretrained weights download on first use): hours on GPUs. For a CPU run in
 minutes, see `python bench/digits.py` and the README's "MSD on a CPU".
 
-Loop conventions (all stages). `--precision bf16|fp16|fp32`: autocast around the forwards, one
-GradScaler per optimiser for fp16 only; the preconditioning, the DM gradient's normaliser and the
-loss sums stay float32. `--compile`; TF32 on; DDP under torchrun (NCCL on GPU, gloo on CPU);
-`--micro-batch` accumulates gradients (the global `--batch` is split over ranks first). Every
+Loop conventions (all stages). `--precision bf16|fp16|fp32`: autocast around the forwards (CUDA
+or CPU), one GradScaler per optimiser for fp16 only (losses scaled before every backward, gradients
+unscaled before clipping); the preconditioning, EDM's float32 layers (edm_unet.py), the GAN head,
+the DM gradient's normaliser and the loss sums stay float32. `--compile`; TF32 on; DDP under
+torchrun (NCCL on GPU, gloo on CPU); `--micro-batch` accumulates gradients (the global `--batch`
+is split over ranks first). Every
 random draw of a step is a function of (seed, step, stream) (`step_seed`) and every rank draws the
 global batch and takes its slice, so a resumed run continues bit for bit and the world size
 changes a result only through float summation order (TSM's dropout is seeded per global
@@ -106,7 +108,7 @@ class Config:  # every comment below is also the flag's --help line
     reg_loss: str = "lpips"             # lpips (App. D.2.1) | mse (the 2-D toy; offline CPU runs)
     lpips_size: int = 224               # LPIPS input size: bilinear upsampling to 224 px (App. D.2.1)
     lpips_random: bool = False          # tests only: LPIPS on a random VGG (no download)
-    precision: str = "bf16"             # bf16 | fp16 (CUDA, GradScaler) | fp32 autocast ("mixed precision", App. D.2.1)
+    precision: str = "bf16"             # bf16 | fp16 (a GradScaler per optimiser) | fp32: autocast on CUDA or CPU ("mixed precision", App. D.2.1)
     compile: bool = False               # torch.compile the networks
     channels_last: bool = False         # NHWC weights/activations (pays off with --compile on GPUs)
     device: str = ""                    # cuda | cpu; "" = cuda if available
@@ -117,7 +119,7 @@ class Config:  # every comment below is also the flag's --help line
     ckpt_every: int = 5000              # steps between resume files, student.pt and curves.png (a draw: 2.1 s for a 200k-step log on a 2-core CPU, under 1% of a run while 5,000 steps take over 210 s)
     max_bad_steps: int = 20             # consecutive non-finite steps before the run stops
     resume: bool = False                # continue from the newest loadable resume-*.pt in --out (fresh if none)
-    all_students: bool = False          # dm: all K students in one run, stepping together as one stack (stack.py); one process; student k's --init/--fake-init may hold {k}; writes --out/p{k}/student.pt
+    all_students: bool = False          # dm: all K students in one run, stepping together as one stack (stack.py); one process; student k's --init/--fake-init may hold {k}; writes --out/p{k}/student.pt; fp16: one loss scale for all K, so an overflow in one student skips the step of all K and lowers the scale of all
     shared_fake: bool = False           # with --all-students: one fake score for all K students, trained on the union of their samples (stack.py); from --fake-init, else the teacher
 
 
@@ -213,8 +215,6 @@ def check_config(cfg):
             raise ValueError(f"{flag(name)} {getattr(cfg, name)!r}: expected one of {allowed}")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda asked for, but CUDA is not available (use --device cpu)")
-    if cfg.precision == "fp16" and not cfg.device.startswith("cuda"):
-        raise ValueError("--precision fp16 needs CUDA (GradScaler); use bf16 or fp32 on the CPU")
     if cfg.all_students and cfg.stage != "dm":
         raise ValueError(f"--all-students with --stage {cfg.stage}: the stack trains the dm stage only (so far)")
     if cfg.all_students and cfg.channels_last:
@@ -382,7 +382,7 @@ def setup(cfg):
         cfg=cfg, rank=rank, world=world, master=rank == 0, device=device, per_rank=per_rank, micro=micro,
         accum=per_rank // micro, teacher=teacher, net=net, fake=fake, head=head, critic=critic,
         opt_net=adamw(net.parameters()), opt_critic=adamw(critic.parameters()) if critic is not None else None,
-        scalers=[torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None for _ in range(2)],
+        scalers=[torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None for _ in range(2)],
         ema=copy.deepcopy(net).eval().requires_grad_(False) if cfg.ema_halflife_kimg else None,
         partition=partition, partitions=partitions, shape=shape, sigma_data=mcfg.sigma_data, pairs=pairs,
         real=real, lpips_fn=lpips_fn, parts=parts, sigmas=dmd.karras_sigmas(NUM_LEVELS).to(device),
@@ -549,6 +549,12 @@ def add_terms(acc, terms, scale):
         acc[k] = acc.get(k, 0) + v.detach().float() / scale
 
 
+def backward(loss, scaler):
+    """loss.backward(), through the optimiser's GradScaler under fp16 (gradients scaled up so the
+    half-precision backward does not underflow; optimizer_step unscales them before clipping)."""
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+
+
 def optimizer_step(cfg, module, opt, scaler):
     """Unscale (fp16), clip to cfg.grad_clip, step unless the gradient is not finite. -> (norm, ok).
     A stack clips each student's norm on its own (the norm returned is the students' mean) and skips
@@ -586,7 +592,7 @@ def update_generator(r, b_gen):
                 terms = {"tsm": tsm.tsm_loss(r.net_train, target, x, b["sigma"], y, r.sigma_data, b["noise"])}
             else:
                 terms, x = generator_losses(cfg, r.G, r.teacher_f, r.fake_f, r.critic_f, r.lpips_fn, b, r.pairs, r.g_scale)
-            (weighted(cfg, terms) * r.g_scale / r.accum).backward()
+            backward(weighted(cfg, terms) * r.g_scale / r.accum, r.scalers[0])
         xs.append(x.detach())
         add_terms(terms_sum, terms, r.accum)
     if r.critic is not None:
@@ -613,7 +619,7 @@ def update_fake_score(r, b_gen, xs, step):
             real = real_batch(r.real, b["real_idx"], r.device) if cfg.stage == "adm" else None
             with no_sync(r, r.critic_train, i), amp(cfg, r.device):
                 terms = critic_losses(cfg, r.critic_train, xs[i], b, r.sigma_data, real)
-                (weighted(cfg, terms) * r.f_scale / r.accum).backward()
+                backward(weighted(cfg, terms) * r.f_scale / r.accum, r.scalers[1])
             add_terms(terms_sum, terms, r.accum * n)
         norm, ok_j = optimizer_step(cfg, r.critic, r.opt_critic, r.scalers[1])
         terms_sum["gnorm_fake"] = terms_sum.get("gnorm_fake", 0) + norm.float() / n
@@ -641,7 +647,7 @@ def train(cfg):
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-    return {"step": r.step, "log": r.log, "partition": r.partition, "skipped": r.skipped,
+    return {"step": r.step, "log": r.log, "partition": r.partition, "skipped": r.skipped, "scalers": r.scalers,
             "net": r.net, "ema": r.ema, "fake": r.fake, "head": r.head, "teacher": r.teacher}
 
 
@@ -773,9 +779,10 @@ def grad_probe(r, b):
     with amp(r.cfg, r.device):
         terms, _ = generator_losses(r.cfg, edm_unet.OneStep(r.net), r.teacher_f, r.fake, r.critic, r.lpips_fn, b, r.pairs)
     w, out = loss_weights(r.cfg), {}
+    scale = r.scalers[0].get_scale() if r.scalers[0] is not None else 1.0  # fp16: as the update's backward
     for k, v in terms.items():
-        grads = torch.autograd.grad(w[k] * v, params, retain_graph=True, allow_unused=True)
-        out[k] = float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None)))
+        grads = torch.autograd.grad(w[k] * v * scale, params, retain_graph=True, allow_unused=True)
+        out[k] = float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None))) / scale
     if r.critic is not None:
         r.critic.requires_grad_(True)
     return out

@@ -73,8 +73,6 @@ def test_bad_partition_is_a_clear_error_before_loading(tmp_path):
         msd.main(["--partition", "4", "--num-students", "4", "--teacher", "nope.pt", "--device", "cpu"])
     with pytest.raises(FileNotFoundError, match="--teacher 'nope.pt' does not exist"):
         msd.main(["--teacher", "nope.pt", "--pairs", "nope.npz", "--device", "cpu"])
-    with pytest.raises(ValueError, match="--precision fp16 needs CUDA"):
-        msd.main(["--precision", "fp16", "--device", "cpu"])
 
 
 def test_dm_gradient_is_zero_when_fake_equals_real():
