@@ -298,7 +298,7 @@ def build_nets(cfg, device, teacher=None, with_fake=True):
     return teacher, net, fake, head
 
 
-def load_pairs(cfg, partition, model_cfg, device):
+def load_pairs(cfg, partition, model_cfg, device, k=None):
     """Paired set (Eq. 9) on the device; F_DM keeps all pairs (Sec. 3.2), `own` keeps the partition's."""
     try:
         p = sample.load_pairs(cfg.pairs)
@@ -310,7 +310,7 @@ def load_pairs(cfg, partition, model_cfg, device):
                          f"the model ({want}, {model_cfg.label_dim} classes)")
     keep = np.isin(p["labels"], partition) if cfg.reg_pairs == "own" else np.ones(len(p["labels"]), bool)
     if not keep.any():
-        raise ValueError(f"--reg-pairs own: {cfg.pairs} holds no pair of partition {cfg.partition} (classes "
+        raise ValueError(f"--reg-pairs own: {cfg.pairs} holds no pair of partition {cfg.partition if k is None else k} (classes "
                          f"{partition if len(partition) <= 20 else partition[:10] + ['...']}); use --reg-pairs all "
                          f"or a paired set with more seeds")
     return (torch.from_numpy(p["noise"][keep]).to(device), torch.from_numpy(p["labels"][keep]).to(device),
@@ -354,7 +354,8 @@ def setup(cfg):
     # batch from its own classes and its own pairs (all of them under F_DM: one copy serves all)
     pairs = None
     if cfg.stage == "dm" and cfg.lambda_reg:
-        own = [load_pairs(cfg, part, mcfg, device) for part in (owned if cfg.reg_pairs == "own" else owned[:1])]
+        own = [load_pairs(cfg, part, mcfg, device, k if cfg.all_students else None)
+               for k, part in enumerate(owned if cfg.reg_pairs == "own" else owned[:1])]
         pairs = tuple(torch.cat(t) for t in zip(*own))
         sizes = [len(p[0]) for p in own] if cfg.reg_pairs == "own" else [len(pairs[0])] * len(owned)
         offsets = np.cumsum([0] + sizes[:-1]) if cfg.reg_pairs == "own" else [0] * len(owned)
@@ -665,7 +666,9 @@ def log_and_checkpoint(r, step, b_gen, terms, ok):
             dt, n = time.time() - r.t_last, step - r.n_last
             r.log = {"step": step, **{k: float(f"{float(v) / n:.4g}") for k, v in r.terms_acc.items()},
                      "lr": float(f"{r.lr:.4g}"), "ms_per_iter": round(1000 * dt / n, 1),
-                     "img_per_s": round(cfg.batch * n / dt, 1), "skipped": r.skipped}
+                     "img_per_s": round(cfg.batch * n / dt, 1), "skipped": r.skipped}  # one student's batch
+            if cfg.all_students:  # the K x B images of a stacked step
+                r.log["img_per_s_all"] = round(cfg.num_students * cfg.batch * n / dt, 1)
             if r.device.type == "cuda":
                 r.log["peak_gib"] = round(torch.cuda.max_memory_allocated(r.device) / 2 ** 30, 2)
             print(" ".join(f"{k} {v}" for k, v in r.log.items()), flush=True)

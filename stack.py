@@ -23,6 +23,12 @@ y in Y_k). Only the parameters are shared, as the teacher shares its parameters 
 the target of every student's Eq. 6 is unchanged. What changes is what the one network must fit
 (K students' distributions at once, with the capacity of one) and its batch (K*B samples per
 Eq. 8 step, one optimiser), so its memory is one fake score and its optimiser state instead of K.
+It starts from `--fake-init` (a student-sized network, e.g. the K = 1 TSM student) or, without
+it, from the teacher, which for TSM-sized students is the larger network.
+
+Limits of stepping together: a non-finite gradient in one student skips the step of all K (one
+optimiser; `--max-bad-steps` counts these steps once for the K), and under fp16 one GradScaler
+serves all K, so one student's overflow lowers the loss scale of all.
 """
 import copy
 
