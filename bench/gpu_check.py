@@ -16,10 +16,11 @@ Correctness, on the device, each against the fp32 eager run on the same device:
   * torchrun with N = all GPUs present against one process (relative update difference < 1%).
   * EDM's per-seed Heun images (`sample.py teacher`) on the device against the CPU's.
 Speed and memory (against docs/performance.md's GPU targets): `bench/unet.py`'s timing of
-B, S, XS, XXS at batch 1, 32 and 64, fp32 eager against the optimised path (bf16, channels-last,
-compiled), and `bench/dm_step.py`'s DM step of B at batch 32 (LPIPS on a random VGG), each with
-its peak memory. Items run in order of importance while --budget seconds last; one that does not
-fit is recorded as not run, never silently dropped.
+B, S, XS, XXS at batch 1, 32 and 64 in fp32 eager and bf16 + channels-last, and compiled (bf16,
+channels-last) for the rows that have a target; `bench/dm_step.py`'s DM step of B at batch 32
+(LPIPS on a random VGG), eager and compiled; each with its peak memory. Items run in order of
+importance (checks, eager speed, compiled speed, the compiled pipeline) while --budget seconds
+last; one that does not fit is recorded as not run, never silently dropped.
 
 Writes --out (default bench/results/gpu/<device name>/): table.md, results.json (rewritten after
 every item, so a killed run keeps what it measured) and run.json (command, commit, device, torch).
@@ -220,8 +221,9 @@ def torchrun_check(ck, hp, dev, tmp, teacher, pairs):
 
 
 def heun_check(ck, hp, dev, tmp, teacher):
-    """EDM's per-seed Heun images on the device against the CPU's."""
+    """EDM's per-seed Heun images on the device against the CPU's, in float32 (TF32 off: msd.py turns it on)."""
     def f():
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
         imgs = {}
         for d in dict.fromkeys(["cpu", dev]):
             out = os.path.join(tmp, f"heun_{d}")
@@ -246,7 +248,8 @@ def speed(ck, hp, dev, compiled):
     bf16 with channels-last) or the optimised path (bf16, channels-last, compiled)."""
     device = torch.device(dev)
     paths = [("bf16", True, True)] if compiled else [("fp32", False, False), ("bf16", False, True)]
-    items = [(p, b, path) for p in hp["presets"] for b in hp["batches"] for path in paths]
+    items = [(p, b, path) for p in hp["presets"] for b in hp["batches"] for path in paths
+             if not compiled or any((p, b) == key[:2] for key in TARGETS)]  # compiled: the targets' rows only
     for preset, batch, (precision, comp, cl) in items:
         def f():
             if dev == "cuda":
@@ -333,16 +336,16 @@ def main(argv=None):
         return True, values
     try:
         ck.run("pipeline", "digits, classifier, teacher (fp32) and paired set", ready)
-        if s:  # the checks need the teacher; the compiled path, the slowest to start, comes last
+        if s:  # the checks need the teacher; compiled runs, the slowest to start, come last
             pipeline(ck, hp, args.device, tmp, s, hp["paths"][:1])
             resume_check(ck, hp, args.device, tmp, s["teacher"], s["pairs"])
             torchrun_check(ck, hp, args.device, tmp, s["teacher"], s["pairs"])
             heun_check(ck, hp, args.device, tmp, s["teacher"])
         speed(ck, hp, args.device, compiled=False)
-        if s:
-            pipeline(ck, hp, args.device, tmp, s, hp["paths"][1:])
         if not args.quick:
             speed(ck, hp, args.device, compiled=True)
+        if s:
+            pipeline(ck, hp, args.device, tmp, s, hp["paths"][1:])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         ck.info["seconds"] = round(time.time() - t0)
