@@ -84,7 +84,8 @@ def plot(folders, out):
             ax = axes.flat[len(keys)]
             ps = [p["step"] for p in probes]
             for t, style in zip(probe_terms, ("-", "--", ":", "-.")):
-                ratio = [p["grad_probe"].get(t, np.nan) / p["grad_probe"]["dm"] for p in probes]
+                ratio = [p["grad_probe"].get(t, np.nan) / p["grad_probe"]["dm"] if p["grad_probe"]["dm"] else np.nan
+                         for p in probes]  # a zero DM gradient (G = fake = teacher at the start) has no ratio
                 ax.plot(ps, ratio, style, marker=".", color=colour, label=f"{t} / dm" + (f", {name}" if len(runs) > 1 else ""))
     batch = next((m.get("batch") for _, _, _, m in runs if m.get("batch")), None)
     for ax, k, title in zip(axes.flat, keys + ["probe"], titles):

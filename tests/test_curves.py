@@ -53,3 +53,12 @@ def test_plot_refuses_a_folder_without_a_log(tmp_path):
 
 def test_running_mean_ignores_gaps():
     assert curves.smooth([1.0, 3.0, float("nan"), 5.0], 2).tolist() == [1.0, 2.0, 3.0, 5.0]
+
+
+def test_a_zero_dm_gradient_in_the_probe_draws_a_gap_not_a_crash(tmp_path):
+    """ADM from the teacher: G = fake score = teacher, so the probe's DM term is exactly 0 at first."""
+    rows = [{"step": 1, "dm": 0.0, "gan_g": 0.6}, {"step": 1, "grad_probe": {"dm": 0.0, "gan_g": 1e-12}},
+            {"step": 2, "dm": 0.1, "gan_g": 0.6}, {"step": 2, "grad_probe": {"dm": 0.5, "gan_g": 1e-3}}]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    titles = curves.plot([str(tmp_path)], str(tmp_path / "c.png"))
+    assert any("probe" in t for t in titles) and (tmp_path / "c.png").stat().st_size > 1000
