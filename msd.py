@@ -1,53 +1,27 @@
-"""Multi-student distillation (MSD Sec. 2-3, Eq. 4): train student k of K on its slice of the classes.
+"""Multi-student distillation (MSD, Song et al. 2025): train student k of K on its slice of the classes.
 
     torchrun --nproc_per_node=8 msd.py --partition 0 --num-students 4 --teacher edm.pt --pairs pairs.npz
     python msd.py --stage tsm --preset S --teacher edm.pt --data imagenet.zip ...  # Stage 0 (Eq. 3, tsm.py)
     python msd.py --stage adm --init out/p0/student.pt --data imagenet.zip ...     # Stage 2 (adm.py)
     python msd.py --plot out/p0 out/p1 ...        # training curves of finished or running runs (curves.py)
 
-Every student is an independent run: K students train in parallel on K machines or one after
-another. Stages (MSD Fig. 2): `tsm` (Eq. 3) pretrains a smaller denoiser; `dm` (Eq. 6 + Eq. 9)
-distils a one-step generator G from it or from the teacher; `adm` adds the GAN of adm.py.
-A run writes to --out: resume-XXXXXXXX.pt (full state, the last two kept), student.pt (the
-generator/denoiser alone, with its `partition`, for sample.py), samples_XXXXXXXX.png, log.jsonl,
-run.json (stage, partition, batch) and curves.png (curves.py, redrawn at every checkpoint once the
-log holds two rows).
+The method, in the order of this file (MSD Fig. 2, Eq. 4): student k owns the classes Y_k of a
+partition (Sec. 3.2, `make_partition`) and trains on them alone, stage by stage: `tsm` (Stage 0,
+Eq. 3, tsm.py) pretrains a smaller denoiser; `dm` (Stage 1, DMD Alg. 1) steps G on Eq. 6 +
+lambda_reg Eq. 9 (`update_generator`), then the fake score on Eq. 8 (`update_fake_score`; dmd.py
+holds the losses); `adm` (Stage 2) adds a GAN on the fake score's middle block (adm.py). Then
+`train`, the set-up and the checks; the plumbing (ranks, random streams, optimiser steps, logs,
+resume files, the command line) is runtime.py's.
 
-The defaults are the paper's ImageNet-64 recipe (App. D.2: DM 200k steps at batch 128 with
-LPIPS-VGG, whose pretrained weights download on first use): hours on GPUs. For a CPU run in
-minutes, see `python bench/digits.py` and the README's "MSD on a CPU".
-
-Loop conventions (all stages). `--precision bf16|fp16|fp32`: autocast around the forwards (CUDA
-or CPU), one GradScaler per optimiser for fp16 only (losses scaled before every backward, gradients
-unscaled before clipping); the preconditioning, EDM's float32 layers (edm_unet.py), the GAN head,
-the DM gradient's normaliser and the loss sums stay float32. `--compile`; TF32 on; DDP under
-torchrun (NCCL on GPU, gloo on CPU); `--micro-batch` accumulates gradients (the global `--batch`
-is split over ranks first). Every
-random draw of a step is a function of (seed, step, stream) (`step_seed`) and every rank draws the
-global batch and takes its slice, so a resumed run continues bit for bit and the world size
-changes a result only through float summation order (TSM's dropout is seeded per global
-micro-batch, so it too is the same for any world size at the same --micro-batch). Rank 0 logs
-every `--log-every` steps (each loss term, both gradient norms, lr, ms/iter, img/s, skipped steps,
-peak GPU memory) to stdout and log.jsonl, and every `--grad-probe-every` steps each weighted loss
-term's gradient norm on G (for balancing --lambda-reg). A non-finite gradient skips the step;
-`--max-bad-steps` in a row stop the run.
-
-Resume contract. Every `--ckpt-every` steps rank 0 writes resume-XXXXXXXX.pt atomically (temp
-file, then rename; the last two are kept) and student.pt. `--resume` loads the newest file that
-loads: a corrupt or truncated newer one is renamed `.corrupt` once an older one loads; when files
-exist but none loads, the run stops with an error naming them and overwrites nothing; when --out
-holds none, it says so in one line and starts fresh. A resume file of another stage or partition
-is refused.
+Every student is an independent run, on its own machines or one after another (`--all-students`:
+all K in one run, stack.py). A run writes to --out: resume-XXXXXXXX.pt (the last two), student.pt
+(G or the denoiser with its `partition`, for sample.py), samples_XXXXXXXX.png, log.jsonl, run.json
+and curves.png. The defaults are the paper's ImageNet-64 recipe (App. D.2; LPIPS-VGG's weights
+download on first use): hours on GPUs; for minutes on a CPU, `python bench/digits.py`.
 """
-import argparse
-import contextlib
 import copy
 import dataclasses
-import glob
-import inspect
-import json
 import os
-import re
 import sys
 import time
 import types
@@ -62,6 +36,7 @@ import adm
 import curves
 import dmd
 import edm_unet
+import runtime
 import sample
 import stack
 import tsm
@@ -129,6 +104,8 @@ STAGE_DEFAULTS = {  # MSD App. D.2 where it speaks; its sources where it is sile
     "adm": dict(lr=5e-7, batch=192, iters=150_000, lambda_reg=0.0, fake_steps_per_gen=5, warmup=100),  # App. D.2.1; DMD2
 }
 NUM_LEVELS = 1000  # App. D.2.1: 1000 Karras levels in [0.002, 80]
+CHOICES = {"stage": tuple(STAGE_DEFAULTS), "split": ("consecutive", "kmeans", "random"), "target": ("teacher", "data"), "reg_pairs": ("all", "own"),
+           "reg_loss": ("lpips", "mse"), "precision": ("bf16", "fp16", "fp32")}
 
 
 # ----------------------------------------------------------------------------- partitions (Sec. 3.2, App. B.1)
@@ -175,275 +152,7 @@ def label_embeddings(denoiser):
     return denoiser.model.map_label.weight.detach().T.cpu().numpy()
 
 
-# ----------------------------------------------------------------------------- set-up
-
-def check_config(cfg):
-    """Fail on bad input before anything loads."""
-    flag = lambda name: "--" + name.replace("_", "-")
-    if cfg.stage not in STAGE_DEFAULTS:
-        raise ValueError(f"--stage {cfg.stage!r}: expected one of {list(STAGE_DEFAULTS)}")
-    if cfg.num_students < 1:
-        raise ValueError(f"--num-students {cfg.num_students}: expected >= 1")
-    if not 0 <= cfg.partition < cfg.num_students:
-        raise ValueError(f"--partition {cfg.partition}: expected 0..{cfg.num_students - 1} for --num-students {cfg.num_students}")
-    for name in ("lr", "batch", "grad_clip", "fake_steps_per_gen", "log_every", "sample_every", "ckpt_every",
-                 "lpips_size", "P_std"):
-        if not getattr(cfg, name) > 0:
-            raise ValueError(f"{flag(name)} {getattr(cfg, name)}: expected > 0")
-    for name in ("iters", "lambda_reg", "micro_batch", "weight_decay", "ema_halflife_kimg", "grad_probe_every",
-                 "max_bad_steps", "lambda_gan_g", "lambda_gan_d", "warmup"):
-        if not getattr(cfg, name) >= 0:
-            raise ValueError(f"{flag(name)} {getattr(cfg, name)}: expected >= 0")
-    for name in ("beta1", "beta2"):
-        if not 0 <= getattr(cfg, name) < 1:
-            raise ValueError(f"{flag(name)} {getattr(cfg, name)}: expected in [0, 1)")
-    if not 0 <= cfg.t_min < cfg.t_max <= NUM_LEVELS:
-        raise ValueError(f"--t-min {cfg.t_min} / --t-max {cfg.t_max}: expected 0 <= t_min < t_max <= {NUM_LEVELS}")
-    if not 0 < cfg.gan_t_max <= NUM_LEVELS:
-        raise ValueError(f"--gan-t-max {cfg.gan_t_max}: expected 1..{NUM_LEVELS}")
-    if not 0 <= cfg.seed < 2 ** 19:
-        raise ValueError(f"--seed {cfg.seed}: expected 0 <= seed < {2 ** 19} (the seed is a bit field of step_seed)")
-    if cfg.iters >= 2 ** 32 or cfg.fake_steps_per_gen > MAX_FAKE_STEPS:
-        raise ValueError(f"--iters {cfg.iters} / --fake-steps-per-gen {cfg.fake_steps_per_gen}: expected "
-                         f"< 2^32 / <= {MAX_FAKE_STEPS} (each has a bit field of step_seed)")
-    adm.check_width(cfg.head_width)
-    if cfg.stage == "adm" and cfg.lambda_reg:
-        raise ValueError(f"--lambda-reg {cfg.lambda_reg} with --stage adm: the ADM stage has no regression term "
-                         f"(MSD Sec. 3.2 and DMD2 drop it); use --lambda-reg 0, or add the GAN to a DM run yourself")
-    for name, allowed in CHOICES.items():
-        if getattr(cfg, name) not in allowed:
-            raise ValueError(f"{flag(name)} {getattr(cfg, name)!r}: expected one of {allowed}")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but CUDA is not available (use --device cpu)")
-    if cfg.all_students and cfg.stage != "dm":
-        raise ValueError(f"--all-students with --stage {cfg.stage}: the stack trains the dm stage only (so far)")
-    if cfg.all_students and cfg.channels_last:
-        raise ValueError("--channels-last with --all-students: a stack's weights have 5 dimensions (so far NCHW only)")
-    if cfg.shared_fake and not cfg.all_students:
-        raise ValueError("--shared-fake needs --all-students (one fake score serves the K students of one run)")
-    if cfg.shared_fake and "{k}" in cfg.fake_init:
-        raise ValueError(f"--fake-init {cfg.fake_init!r} with --shared-fake: one fake score has one start, not one per student")
-    needs = {"dm": ["teacher", "pairs"] if cfg.lambda_reg else ["teacher"], "adm": ["teacher", "data"],
-             "tsm": ["data"] + (["teacher"] if cfg.target == "teacher" else [])}[cfg.stage]
-    for name in needs:
-        if not getattr(cfg, name):
-            raise ValueError(f"--stage {cfg.stage} needs --{name}")
-    for name in ("teacher", "init", "fake_init", "pairs", "data"):
-        ks = range(cfg.num_students) if cfg.all_students and "{k}" in getattr(cfg, name) else [None]
-        for path in (getattr(cfg, name).replace("{k}", str(k)) for k in ks):
-            if path and not os.path.exists(path):
-                raise FileNotFoundError(f"--{name.replace('_', '-')} {path!r} does not exist")
-    if cfg.stage == "tsm" and not (cfg.preset or cfg.init):
-        raise ValueError("--stage tsm needs --preset (a fresh student) or --init (a checkpoint)")
-    try:
-        edm_unet.parse_overrides(cfg.arch)
-    except ValueError as e:
-        raise ValueError(f"--arch {e}") from None
-    if cfg.preset and cfg.preset not in edm_unet.PRESETS:
-        raise ValueError(f"--preset {cfg.preset!r}: expected one of {list(edm_unet.PRESETS)}")
-
-
-CHOICES = {"stage": tuple(STAGE_DEFAULTS), "split": ("consecutive", "kmeans", "random"), "target": ("teacher", "data"), "reg_pairs": ("all", "own"),
-           "reg_loss": ("lpips", "mse"), "precision": ("bf16", "fp16", "fp32")}
-
-
-def setup_dist(cfg):
-    """(rank, world, device, per-rank batch, micro-batch) from torchrun's environment; NCCL on GPU, gloo on CPU."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local) if cfg.device.startswith("cuda") else torch.device(cfg.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if cfg.batch % world:
-        raise ValueError(f"--batch {cfg.batch} does not split over {world} ranks")
-    per_rank = cfg.batch // world
-    micro = cfg.micro_batch or per_rank
-    if per_rank % micro:
-        raise ValueError(f"--micro-batch {micro} does not divide the per-rank batch {per_rank}")
-    if cfg.all_students and (world > 1 or micro != per_rank):
-        raise ValueError("--all-students runs in one process without --micro-batch (so far)")
-    if cfg.batch // micro > MAX_STREAM - DROPOUT_STREAM:
-        raise ValueError(f"--batch {cfg.batch} in micro-batches of {micro}: expected at most "
-                         f"{MAX_STREAM - DROPOUT_STREAM} micro-batches per step (a bit field of step_seed)")
-    return rank, world, device, per_rank, micro
-
-
-def build_nets(cfg, device, teacher=None, with_fake=True):
-    """The stage's networks: frozen teacher, the trained net (G's denoiser or the TSM student), fake score, head."""
-    if teacher is None:
-        teacher = edm_unet.load_model(cfg.teacher)[0] if cfg.teacher else None
-    if cfg.stage == "tsm":
-        net = edm_unet.load_model(cfg.init)[0] if cfg.init else edm_unet.build(cfg.preset, **edm_unet.parse_overrides(cfg.arch))
-        fake = head = None
-    else:
-        net = edm_unet.load_model(cfg.init)[0] if cfg.init else copy.deepcopy(teacher)  # DMD Alg. 1: G <- teacher
-        fake_src = cfg.fake_init or (cfg.teacher if cfg.stage == "adm" else cfg.init or cfg.teacher)
-        fake = edm_unet.load_model(fake_src)[0] if with_fake else None
-        head = adm.init_head(fake, cfg.seed, cfg.head_width) if cfg.stage == "adm" else None
-    if teacher is not None:
-        teacher.requires_grad_(False).eval().to(device)
-        for name, other in (("student", net), ("fake score", fake)):
-            if other is not None and (other.cfg.img_resolution, other.cfg.img_channels, other.cfg.label_dim) != \
-                    (teacher.cfg.img_resolution, teacher.cfg.img_channels, teacher.cfg.label_dim):
-                raise ValueError(f"{name} shape/classes {other.cfg} do not match the teacher's {teacher.cfg}")
-    # Dropout: on for TSM (score matching, as EDM trains); off while distilling, so that G trains
-    # exactly as it samples (our reading; the paper does not say).
-    net.to(device).train(cfg.stage == "tsm")
-    if fake is not None:
-        fake.to(device).eval().requires_grad_(True)
-        head = head.to(device) if head is not None else None
-    return teacher, net, fake, head
-
-
-def load_pairs(cfg, partition, model_cfg, device, k=None):
-    """Paired set (Eq. 9) on the device; F_DM keeps all pairs (Sec. 3.2), `own` keeps the partition's."""
-    try:
-        p = sample.load_pairs(cfg.pairs)
-    except ValueError as e:
-        raise ValueError(f"--pairs: {e}") from None
-    want = (model_cfg.img_channels, model_cfg.img_resolution, model_cfg.img_resolution)
-    if tuple(p["images"].shape[1:]) != want or p["labels"].max() >= model_cfg.label_dim:
-        raise ValueError(f"{cfg.pairs}: images {p['images'].shape[1:]} / labels < {p['labels'].max() + 1} do not fit "
-                         f"the model ({want}, {model_cfg.label_dim} classes)")
-    keep = np.isin(p["labels"], partition) if cfg.reg_pairs == "own" else np.ones(len(p["labels"]), bool)
-    if not keep.any():
-        raise ValueError(f"--reg-pairs own: {cfg.pairs} holds no pair of partition {cfg.partition if k is None else k} (classes "
-                         f"{partition if len(partition) <= 20 else partition[:10] + ['...']}); use --reg-pairs all "
-                         f"or a paired set with more seeds")
-    return (torch.from_numpy(p["noise"][keep]).to(device), torch.from_numpy(p["labels"][keep]).to(device),
-            sample.from_uint8(torch.from_numpy(p["images"][keep]).to(device)))
-
-
-def setup(cfg):
-    """Everything before the loop: ranks, nets, partition, data, optimisers, resume. -> namespace r."""
-    cfg.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    for k, v in STAGE_DEFAULTS.get(cfg.stage, {}).items():
-        if getattr(cfg, k) is None:
-            setattr(cfg, k, v)
-    check_config(cfg)
-    rank, world, device, per_rank, micro = setup_dist(cfg)
-    if cfg.all_students:  # one process, no accumulation: a step's rows are the K students' batches
-        per_rank = micro = cfg.batch * cfg.num_students
-    torch.manual_seed(cfg.seed)  # a fresh --preset student is the same on every rank
-    if cfg.all_students:  # K students (and K fake scores, or one shared) as stacks: stack.py
-        teacher = edm_unet.load_model(cfg.teacher)[0]
-        per_k = [build_nets(dataclasses.replace(cfg, init=cfg.init.replace("{k}", str(k)),
-                                                fake_init=cfg.fake_init.replace("{k}", str(k))), device, teacher,
-                            with_fake=not cfg.shared_fake) for k in range(cfg.num_students)]
-        net, head, single = stack.Stack([n[1] for n in per_k]), None, per_k[0][1]
-        fake = (edm_unet.load_model(cfg.fake_init or cfg.teacher)[0].to(device).eval().requires_grad_(True)
-                if cfg.shared_fake else stack.Stack([n[2] for n in per_k]))
-    else:
-        (teacher, net, fake, head), single = build_nets(cfg, device), None
-    mcfg = net.cfg
-    if cfg.num_students > mcfg.label_dim:
-        raise ValueError(f"--num-students {cfg.num_students} exceeds the {mcfg.label_dim} classes")
-    emb = label_embeddings(teacher or net) if cfg.split == "kmeans" else None
-    partitions = make_partition(mcfg.label_dim, cfg.num_students, cfg.split, cfg.split_seed, emb)
-    partition = partitions if cfg.all_students else partitions[cfg.partition]
-    owned = partitions if cfg.all_students else [partition]  # the classes of each student this run trains
-    if rank == 0:
-        for k, part in zip(range(cfg.num_students) if cfg.all_students else [cfg.partition], owned):
-            print(f"stage {cfg.stage}: student {k} of {cfg.num_students} ({cfg.split}) owns "
-                  f"{len(part)} classes: {part if len(part) <= 20 else part[:10] + ['...']}")
-    shape = (mcfg.img_channels, mcfg.img_resolution, mcfg.img_resolution)
-    # data: paired set (dm), real images of the partition (adm: F_ADM, tsm). Each student draws its
-    # batch from its own classes and its own pairs (all of them under F_DM: one copy serves all)
-    pairs = None
-    if cfg.stage == "dm" and cfg.lambda_reg:
-        own = [load_pairs(cfg, part, mcfg, device, k if cfg.all_students else None)
-               for k, part in enumerate(owned if cfg.reg_pairs == "own" else owned[:1])]
-        pairs = tuple(torch.cat(t) for t in zip(*own))
-        sizes = [len(p[0]) for p in own] if cfg.reg_pairs == "own" else [len(pairs[0])] * len(owned)
-        offsets = np.cumsum([0] + sizes[:-1]) if cfg.reg_pairs == "own" else [0] * len(owned)
-    else:
-        sizes, offsets = [0] * len(owned), [0] * len(owned)
-    parts = [(torch.tensor(part, device=device), n, int(o)) for part, n, o in zip(owned, sizes, offsets)]
-    real = sample.ImageFolder(cfg.data, classes=partition, resolution=mcfg.img_resolution,
-                              channels=mcfg.img_channels, need_labels=True) if cfg.stage in ("adm", "tsm") else None
-    if real is not None and real.shape != shape:
-        raise ValueError(f"--data {cfg.data}: images {real.shape} do not fit the model {shape}")
-    lpips_fn = None
-    if pairs is not None and cfg.reg_loss == "lpips":
-        import lpips
-        with torch.random.fork_rng():
-            torch.manual_seed(cfg.seed)
-            lpips_fn = lpips.LPIPS(net="vgg", pnet_rand=cfg.lpips_random, verbose=False).to(device).eval()
-        lpips_fn.requires_grad_(False)
-    if cfg.channels_last:
-        for m in (teacher, net, fake):
-            if m is not None:
-                m.to(memory_format=torch.channels_last)
-    critic = adm.FakeWithHead(fake, head) if head is not None else fake  # what the second optimiser trains
-    adamw = lambda params: torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
-    r = types.SimpleNamespace(
-        cfg=cfg, rank=rank, world=world, master=rank == 0, device=device, per_rank=per_rank, micro=micro,
-        accum=per_rank // micro, teacher=teacher, net=net, fake=fake, head=head, critic=critic,
-        opt_net=adamw(net.parameters()), opt_critic=adamw(critic.parameters()) if critic is not None else None,
-        scalers=[torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None for _ in range(2)],
-        ema=copy.deepcopy(net).eval().requires_grad_(False) if cfg.ema_halflife_kimg else None,
-        partition=partition, partitions=partitions, shape=shape, sigma_data=mcfg.sigma_data, pairs=pairs,
-        real=real, lpips_fn=lpips_fn, parts=parts, sigmas=dmd.karras_sigmas(NUM_LEVELS).to(device),
-        n_real=len(real) if real is not None else 0, step=0, skipped=0, bad=0, log=None, terms_acc={},
-        t_last=time.time(), n_last=0, lr=cfg.lr,
-        # losses are means over the K*B rows of a stack: K times them gives each student its own run's gradient
-        g_scale=len(owned), f_scale=1 if cfg.shared_fake else len(owned),
-        single=single)  # --all-students: a network to unstack one student into
-    if cfg.resume:
-        resume(r)
-    # DDP for the nets that train (after resume: DDP broadcasts rank 0's weights), then torch.compile
-    frozen = lambda m: torch.compile(m) if cfg.compile and m is not None else m
-    wrap = lambda m: frozen(DDP(m, device_ids=[device.index] if device.type == "cuda" else None,
-                                broadcast_buffers=False) if world > 1 else m)
-    r.net_train, r.teacher_f, r.fake_f, r.critic_f = wrap(net), frozen(teacher), frozen(fake), frozen(critic)
-    r.critic_train = wrap(critic) if critic is not None else None
-    r.G = edm_unet.OneStep(r.net_train)  # G(z, y) = D(80 z, 80, y)
-    os.makedirs(cfg.out, exist_ok=True)
-    if r.master:  # what curves.py needs to label and scale the run
-        with open(os.path.join(cfg.out, "run.json"), "w") as f:
-            json.dump({"stage": cfg.stage, "partition": "all" if cfg.all_students else cfg.partition,
-                       "num_students": cfg.num_students, "classes": partition, "batch": cfg.batch}, f)
-    return r
-
-
-def amp(cfg, device):
-    return sample.amp(device.type, sample.AUTOCAST[cfg.precision])
-
-
-def no_sync(r, model, i):
-    """Skip DDP's gradient all-reduce on all but the last micro-batch of an accumulated step."""
-    return model.no_sync() if r.world > 1 and i < r.accum - 1 else contextlib.nullcontext()
-
-
-# ----------------------------------------------------------------------------- one step's randomness
-
-MAX_FAKE_STEPS = 255    # streams 1..255: the fake score's extra batches (DMD2's TTUR)
-DROPOUT_STREAM = 256    # streams 256 + i: dropout of global micro-batch i (tsm)
-MAX_STREAM = 4096       # streams are a 12-bit field
-
-
-def step_seed(seed, step, stream):
-    """One 64-bit seed per (seed, step, stream), never the same for two triples.
-
-    Stream 0 is G's batch, 1 + j the fake score's j-th extra batch, DROPOUT_STREAM + i the dropout
-    of micro-batch i. The compact form seed * 1_000_003 + 16 step + stream is one-to-one while
-    stream < 16 and step < 62,500 (every measured result in the docs drew from it); outside that
-    range the seed is 2^63 + bit fields (seed: 19 bits, step: 32, stream: 12), above every compact
-    value. check_config bounds --seed, --iters and --fake-steps-per-gen to fit.
-    """
-    if stream < 16 and step < 62_500:
-        return seed * 1_000_003 + 16 * step + stream
-    return (1 << 63) | (seed << 44) | (step << 12) | stream
-
-
-def rng(cfg, step, stream, device):
-    """All randomness of a step comes from (seed, step, stream): a resumed run draws what an
-    uninterrupted one would, and every rank draws the same *global* batch, then takes its slice."""
-    return torch.Generator(device).manual_seed(step_seed(cfg.seed, step, stream))
-
+# ------------------------------------------------------------ one step of DMD Alg. 1: batch, losses, updates
 
 def draw_batch(r, step, stream, with_pairs=True):
     """The whole global batch of one update; --all-students: each student's batch exactly as its own
@@ -460,7 +169,7 @@ def draw_student_batch(r, step, stream, with_pairs, classes, n_pairs):
     (Eq. 8, all levels as in DMD Alg. 1), pair and real-image indices; adm: a t and a noise for each
     GAN input (G's term, D's fake and real), t < --gan-t-max, as DMD2's compute_cls_logits."""
     cfg, B, shape, dev = r.cfg, r.cfg.batch, r.shape, r.device
-    g = rng(cfg, step, stream, dev)
+    g = runtime.rng(cfg, step, stream, dev)
     b = {"z": torch.randn((B, *shape), generator=g, device=dev),                          # (B, C, H, W)
          "y": classes[torch.randint(len(classes), (B,), generator=g, device=dev)],        # labels of Y_k
          "sigma": tsm.sample_sigma_lognormal(B, cfg.P_mean, cfg.P_std, g, dev) if cfg.stage == "tsm"
@@ -479,22 +188,6 @@ def draw_student_batch(r, step, stream, with_pairs, classes, n_pairs):
             b["noise_" + k] = torch.randn((B, *shape), generator=g, device=dev)
     return b
 
-
-def micro_batches(r, b):
-    """This rank's slice of the global batch, in `accum` micro-batches: yields (i, dict)."""
-    lo = r.rank * r.per_rank
-    for i in range(r.accum):
-        yield i, {k: v[lo + i * r.micro: lo + (i + 1) * r.micro] for k, v in b.items()}
-
-
-def real_batch(real, idx, device):
-    """Real images (B, C, H, W) in [-1, 1] and their labels, from an ImageFolder."""
-    items = [real[i] for i in idx.tolist()]
-    return (sample.from_uint8(torch.stack([x for x, _ in items]).to(device)),
-            torch.tensor([y for _, y in items], device=device))
-
-
-# ----------------------------------------------------------------------------- the losses
 
 def generator_losses(cfg, G, teacher, fake, critic, lpips_fn, b, pairs, K=1):
     """G's loss terms on micro-batch b: DM (Eq. 6), regression (Eq. 9), GAN (adm). Returns (terms, x).
@@ -545,60 +238,27 @@ def weighted(cfg, terms):
     return sum(w[k] * v for k, v in terms.items())
 
 
-def add_terms(acc, terms, scale):
-    for k, v in terms.items():
-        acc[k] = acc.get(k, 0) + v.detach().float() / scale
-
-
-def backward(loss, scaler):
-    """loss.backward(), through the optimiser's GradScaler under fp16 (gradients scaled up so the
-    half-precision backward does not underflow; optimizer_step unscales them before clipping)."""
-    (scaler.scale(loss) if scaler is not None else loss).backward()
-
-
-def optimizer_step(cfg, module, opt, scaler):
-    """Unscale (fp16), clip to cfg.grad_clip, step unless the gradient is not finite. -> (norm, ok).
-    A stack clips each student's norm on its own (the norm returned is the students' mean) and skips
-    the step of all K when any is not finite."""
-    if scaler is not None:
-        scaler.unscale_(opt)
-    if isinstance(module, stack.Stack):  # norms are >= 0, so their mean is finite only if every one is
-        norm = stack.clip_per_student(module, cfg.grad_clip).mean()
-    else:
-        norm = torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip)
-    ok = bool(torch.isfinite(norm))  # the one host sync per update
-    if scaler is not None:
-        scaler.step(opt)  # skips by itself on inf
-        scaler.update()
-    elif ok:
-        opt.step()
-    opt.zero_grad(set_to_none=True)
-    return norm.detach(), ok
-
-
-# ----------------------------------------------------------------------------- one step of DMD Alg. 1
-
 def update_generator(r, b_gen):
     """DMD Alg. 1 l.5-9: G's loss Eq. 6 + lambda_reg * Eq. 9 [+ GAN] (MSD Eq. 4), one AdamW step.
     tsm: the student's Eq. 3 step instead. -> (terms, G's samples per micro-batch, ok)."""
     cfg, terms_sum, xs = r.cfg, {}, []
     if r.critic is not None:
         r.critic.requires_grad_(False)  # the GAN term's gradient goes through the critic into G only
-    for i, b in micro_batches(r, b_gen):
-        with no_sync(r, r.net_train, i), amp(cfg, r.device):
+    for i, b in runtime.micro_batches(r, b_gen):
+        with runtime.no_sync(r, r.net_train, i), runtime.amp(cfg, r.device):
             if cfg.stage == "tsm":  # dropout: a function of (seed, step, global micro-batch), not of the rank count
-                torch.manual_seed(step_seed(cfg.seed, r.step, DROPOUT_STREAM + r.rank * r.accum + i))
-                x, y = real_batch(r.real, b["real_idx"], r.device)
+                torch.manual_seed(runtime.step_seed(cfg.seed, r.step, runtime.DROPOUT_STREAM + r.rank * r.accum + i))
+                x, y = runtime.real_batch(r.real, b["real_idx"], r.device)
                 target = r.teacher_f if cfg.target == "teacher" else None
                 terms = {"tsm": tsm.tsm_loss(r.net_train, target, x, b["sigma"], y, r.sigma_data, b["noise"])}
             else:
-                terms, x = generator_losses(cfg, r.G, r.teacher_f, r.fake_f, r.critic_f, r.lpips_fn, b, r.pairs, r.g_scale)
-            backward(weighted(cfg, terms) * r.g_scale / r.accum, r.scalers[0])
+                terms, x = generator_losses(cfg, r.G, r.teacher_f, r.fake_f, r.critic_f, r.lpips_fn, b, r.pairs, r.students_g)
+            runtime.backward(weighted(cfg, terms) * r.students_g / r.accum, r.scalers[0])
         xs.append(x.detach())
-        add_terms(terms_sum, terms, r.accum)
+        runtime.add_terms(terms_sum, terms, r.accum)
     if r.critic is not None:
         r.critic.requires_grad_(True)
-    norm, ok = optimizer_step(cfg, r.net, r.opt_net, r.scalers[0])
+    norm, ok = runtime.optimizer_step(cfg, r.net, r.opt_net, r.scalers[0])
     if r.ema is not None and ok:
         beta = 0.5 ** (cfg.batch / (cfg.ema_halflife_kimg * 1000))
         with torch.no_grad():
@@ -613,16 +273,16 @@ def update_fake_score(r, b_gen, xs, step):
     cfg, n, terms_sum, ok = r.cfg, r.cfg.fake_steps_per_gen, {}, True
     for j in range(n):
         b_fake = b_gen if j == 0 else draw_batch(r, step, 1 + j, with_pairs=False)
-        for i, b in micro_batches(r, b_fake):
+        for i, b in runtime.micro_batches(r, b_fake):
             if j > 0:
-                with torch.no_grad(), amp(cfg, r.device):
+                with torch.no_grad(), runtime.amp(cfg, r.device):
                     xs[i] = r.G(b["z"], b["y"]).detach()
-            real = real_batch(r.real, b["real_idx"], r.device) if cfg.stage == "adm" else None
-            with no_sync(r, r.critic_train, i), amp(cfg, r.device):
+            real = runtime.real_batch(r.real, b["real_idx"], r.device) if cfg.stage == "adm" else None
+            with runtime.no_sync(r, r.critic_train, i), runtime.amp(cfg, r.device):
                 terms = critic_losses(cfg, r.critic_train, xs[i], b, r.sigma_data, real)
-                backward(weighted(cfg, terms) * r.f_scale / r.accum, r.scalers[1])
-            add_terms(terms_sum, terms, r.accum * n)
-        norm, ok_j = optimizer_step(cfg, r.critic, r.opt_critic, r.scalers[1])
+                runtime.backward(weighted(cfg, terms) * r.students_fake / r.accum, r.scalers[1])
+            runtime.add_terms(terms_sum, terms, r.accum * n)
+        norm, ok_j = runtime.optimizer_step(cfg, r.critic, r.opt_critic, r.scalers[1])
         terms_sum["gnorm_fake"] = terms_sum.get("gnorm_fake", 0) + norm.float() / n
         ok = ok and ok_j
     return terms_sum, ok
@@ -652,7 +312,7 @@ def train(cfg):
             "net": r.net, "ema": r.ema, "fake": r.fake, "head": r.head, "teacher": r.teacher}
 
 
-# ----------------------------------------------------------------------------- logging and checkpoints
+# ------------------------------------------------------------ maintenance: logs, probe, samples, checkpoints
 
 def log_and_checkpoint(r, step, b_gen, terms, ok):
     """Count skipped steps; every few steps: log line, gradient probe, sample grid, resume file (rank 0)."""
@@ -660,126 +320,182 @@ def log_and_checkpoint(r, step, b_gen, terms, ok):
     r.step, r.skipped, r.bad = step, r.skipped + (not ok), 0 if ok else r.bad + 1
     if r.bad > cfg.max_bad_steps:
         raise RuntimeError(f"{r.bad} non-finite steps in a row at step {step}: lower --lr, or check the data/precision")
-    add_terms(r.terms_acc, terms, 1)
+    runtime.add_terms(r.terms_acc, terms, 1)
     if step % cfg.log_every == 0 or step == cfg.iters:
-        if r.master:
-            dt, n = time.time() - r.t_last, step - r.n_last
-            r.log = {"step": step, **{k: float(f"{float(v) / n:.4g}") for k, v in r.terms_acc.items()},
-                     "lr": float(f"{r.lr:.4g}"), "ms_per_iter": round(1000 * dt / n, 1),
-                     "img_per_s": round(cfg.batch * n / dt, 1), "skipped": r.skipped}  # one student's batch
-            if cfg.all_students:  # the K x B images of a stacked step
-                r.log["img_per_s_all"] = round(cfg.num_students * cfg.batch * n / dt, 1)
-            if r.device.type == "cuda":
-                r.log["peak_gib"] = round(torch.cuda.max_memory_allocated(r.device) / 2 ** 30, 2)
-            print(" ".join(f"{k} {v}" for k, v in r.log.items()), flush=True)
-            with open(os.path.join(out, "log.jsonl"), "a") as f:
-                f.write(json.dumps(r.log) + "\n")
-        r.t_last, r.n_last, r.terms_acc = time.time(), step, {}
+        runtime.log_terms(r, step)
     if not r.master:
         return
     if cfg.grad_probe_every and step % cfg.grad_probe_every == 0 and cfg.stage != "tsm" and not cfg.all_students:
         probe = grad_probe(r, {k: v[:r.micro] for k, v in b_gen.items()})  # G's batch (it has the pairs)
         print("grad probe (weighted |grad| on G): " + " ".join(f"{k} {v:.4g}" for k, v in probe.items()), flush=True)
-        with open(os.path.join(out, "log.jsonl"), "a") as f:
-            f.write(json.dumps({"step": step, "grad_probe": probe}) + "\n")
+        runtime.append_log(out, {"step": step, "grad_probe": probe})
     students = None  # unstacked once per step, for the sample grids and the snapshots both
     if step % cfg.sample_every == 0 or step == cfg.iters:
-        students = per_student(r, r.ema or r.net)
+        students = runtime.per_student(r, r.ema or r.net)
         for folder, part, net in students:
             save_samples(cfg, net, part, r.shape, r.device, step, folder)
     if step % cfg.ckpt_every == 0 or step == cfg.iters:
-        save_resume(cfg, step, {"partition": r.partition, "partitions": r.partitions, "skipped": r.skipped,
-                                "net": r.net.state_dict(), "opt_net": r.opt_net.state_dict(),
-                                "critic": r.critic.state_dict() if r.critic is not None else None,
-                                "opt_critic": r.opt_critic.state_dict() if r.critic is not None else None,
-                                "scalers": [s.state_dict() if s is not None else None for s in r.scalers],
-                                "ema": r.ema.state_dict() if r.ema is not None else None})
-        for folder, part, net in students or per_student(r, r.ema or r.net):  # what sample.py students routes
+        runtime.save_resume(cfg, step, runtime.train_state(r))
+        for folder, part, net in students or runtime.per_student(r, r.ema or r.net):  # what sample.py students routes
             edm_unet.save_model(net, os.path.join(folder, "student.pt"), partition=part,
                                 stage=cfg.stage, step=step, sigma_max=80.0)
-        log_path = os.path.join(out, "log.jsonl")
-        if os.path.exists(log_path) and sum(1 for _ in open(log_path)) >= 2:  # a curve needs two points
-            curves.plot([out], os.path.join(out, "curves.png"))
+        runtime.draw_curves(out)
 
 
-def per_student(r, net):
-    """(folder, classes, single network) of each student the run trains: --all-students unstacks
-    student k into --out/p{k}/, in a single run's format."""
-    if not isinstance(net, stack.Stack):
-        return [(r.cfg.out, r.partition, net)]
-    singles = []
-    for k, part in enumerate(r.partition):
-        single = copy.deepcopy(r.single)
-        single.load_state_dict(net.student(k))
-        os.makedirs(os.path.join(r.cfg.out, f"p{k}"), exist_ok=True)
-        singles.append((os.path.join(r.cfg.out, f"p{k}"), part, single))
-    return singles
+# ------------------------------------------------------------ set-up: networks, partitions, data, optimisers
+
+def build_nets(cfg, device, teacher=None, with_fake=True):
+    """The stage's networks: frozen teacher, the trained net (G's denoiser or the TSM student), fake score, head."""
+    if teacher is None:
+        teacher = edm_unet.load_model(cfg.teacher)[0] if cfg.teacher else None
+    if cfg.stage == "tsm":
+        net = edm_unet.load_model(cfg.init)[0] if cfg.init else edm_unet.build(cfg.preset, **edm_unet.parse_overrides(cfg.arch))
+        fake = head = None
+    else:
+        net = edm_unet.load_model(cfg.init)[0] if cfg.init else copy.deepcopy(teacher)  # DMD Alg. 1: G <- teacher
+        fake_src = cfg.fake_init or (cfg.teacher if cfg.stage == "adm" else cfg.init or cfg.teacher)
+        fake = edm_unet.load_model(fake_src)[0] if with_fake else None
+        head = adm.init_head(fake, cfg.seed, cfg.head_width) if cfg.stage == "adm" else None
+    if teacher is not None:
+        teacher.requires_grad_(False).eval().to(device)
+        for name, other in (("student", net), ("fake score", fake)):
+            if other is not None and (other.cfg.img_resolution, other.cfg.img_channels, other.cfg.label_dim) != \
+                    (teacher.cfg.img_resolution, teacher.cfg.img_channels, teacher.cfg.label_dim):
+                raise ValueError(f"{name} shape/classes {other.cfg} do not match the teacher's {teacher.cfg}")
+    # Dropout: on for TSM (score matching, as EDM trains); off while distilling, so that G trains
+    # exactly as it samples (our reading; the paper does not say).
+    net.to(device).train(cfg.stage == "tsm")
+    if fake is not None:
+        fake.to(device).eval().requires_grad_(True)
+        head = head.to(device) if head is not None else None
+    return teacher, net, fake, head
 
 
-def save_resume(cfg, step, state, keep=2):
-    """Atomic resume file, then prune old ones: a crash at any point leaves a loadable checkpoint."""
-    path = os.path.join(cfg.out, f"resume-{step:08d}.pt")
-    edm_unet.atomic_save({"config": dataclasses.asdict(cfg), "step": step, **state}, path)
-    for old in sorted(glob.glob(os.path.join(cfg.out, "resume-*.pt")))[:-keep]:
-        os.remove(old)
+def build_students(cfg, device):
+    """--all-students: the K students (and K fake scores, or one shared) as stacks (stack.py); student
+    k's --init / --fake-init may hold {k}. -> (teacher, G's stack, fake score(s), no head)."""
+    teacher = edm_unet.load_model(cfg.teacher)[0]
+    per_k = [build_nets(dataclasses.replace(cfg, init=cfg.init.replace("{k}", str(k)),
+                                            fake_init=cfg.fake_init.replace("{k}", str(k))), device, teacher,
+                        with_fake=not cfg.shared_fake) for k in range(cfg.num_students)]
+    fake = (edm_unet.load_model(cfg.fake_init or cfg.teacher)[0].to(device).eval().requires_grad_(True)
+            if cfg.shared_fake else stack.Stack([n[2] for n in per_k]))
+    return per_k[0][0], stack.Stack([n[1] for n in per_k]), fake, None
 
 
-def load_resume(cfg, master=True):
-    """Newest loadable resume file -> (checkpoint, path); (None, None) when --out holds none.
-
-    A corrupt newer file is renamed `.corrupt` once an older one loads. When files exist but none
-    loads, stop with an error: starting over would overwrite student.pt and the evidence.
-    """
-    paths = sorted(glob.glob(os.path.join(cfg.out, "resume-*.pt")), reverse=True)
-    corrupt = []
-    for path in paths:
-        try:
-            ckpt = edm_unet.load_file(path)
-        except FileNotFoundError:
-            continue  # renamed by rank 0 meanwhile
-        except ValueError as e:
-            print(f"warning: {e}; trying the previous checkpoint")
-            corrupt.append(path)
-            continue
-        for bad in corrupt if master else []:
-            os.replace(bad, bad + ".corrupt")  # out of the rotation, kept for inspection
-        return ckpt, path
-    if corrupt:
-        raise ValueError(f"--resume: none of the resume files in {cfg.out!r} loads ({', '.join(map(os.path.basename, corrupt))} "
-                         f"are corrupt or truncated); nothing was overwritten. Move them away to start afresh")
-    return None, None
+def load_pairs(cfg, partition, model_cfg, device, k=None):
+    """Paired set (Eq. 9) on the device; F_DM keeps all pairs (Sec. 3.2), `own` keeps the partition's."""
+    try:
+        p = sample.load_pairs(cfg.pairs)
+    except ValueError as e:
+        raise ValueError(f"--pairs: {e}") from None
+    want = (model_cfg.img_channels, model_cfg.img_resolution, model_cfg.img_resolution)
+    if tuple(p["images"].shape[1:]) != want or p["labels"].max() >= model_cfg.label_dim:
+        raise ValueError(f"{cfg.pairs}: images {p['images'].shape[1:]} / labels < {p['labels'].max() + 1} do not fit "
+                         f"the model ({want}, {model_cfg.label_dim} classes)")
+    keep = np.isin(p["labels"], partition) if cfg.reg_pairs == "own" else np.ones(len(p["labels"]), bool)
+    if not keep.any():
+        raise ValueError(f"--reg-pairs own: {cfg.pairs} holds no pair of partition {cfg.partition if k is None else k} (classes "
+                         f"{partition if len(partition) <= 20 else partition[:10] + ['...']}); use --reg-pairs all "
+                         f"or a paired set with more seeds")
+    return (torch.from_numpy(p["noise"][keep]).to(device), torch.from_numpy(p["labels"][keep]).to(device),
+            sample.from_uint8(torch.from_numpy(p["images"][keep]).to(device)))
 
 
-def resume(r):
-    """Restore nets, optimisers, scalers, EMA, step and counters from the newest loadable resume file."""
-    cfg = r.cfg
-    ckpt, path = load_resume(cfg, r.master)
-    if ckpt is None:
-        if r.master:
-            print(f"--resume: no resume-*.pt in {cfg.out!r}; starting fresh")
-        return
-    if ckpt["partition"] != r.partition or ckpt["config"]["stage"] != cfg.stage:
-        raise ValueError(f"{path} is stage {ckpt['config']['stage']} with partition {ckpt['partition'][:5]}...; "
-                         f"this run is stage {cfg.stage} with {r.partition[:5]}...")
-    r.net.load_state_dict(ckpt["net"]), r.opt_net.load_state_dict(ckpt["opt_net"])
-    if r.critic is not None:
-        r.critic.load_state_dict(ckpt["critic"]), r.opt_critic.load_state_dict(ckpt["opt_critic"])
-    for sc, st in zip(r.scalers, ckpt["scalers"]):
-        if sc is not None and st is not None:
-            sc.load_state_dict(st)
-    if r.ema is not None and ckpt.get("ema") is not None:
-        r.ema.load_state_dict(ckpt["ema"])
-    r.step, r.n_last, r.skipped = ckpt["step"], ckpt["step"], ckpt["skipped"]
-    if r.master:
-        print(f"resumed from {path} at step {r.step}")
+def setup(cfg):
+    """Everything before the loop: ranks, nets, partition, data, optimisers, resume. -> namespace r."""
+    cfg.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    for k, v in STAGE_DEFAULTS.get(cfg.stage, {}).items():
+        if getattr(cfg, k) is None:
+            setattr(cfg, k, v)
+    check_config(cfg)
+    rank, world, device, per_rank, micro = runtime.setup_dist(cfg)
+    if cfg.all_students:  # one process, no accumulation: a step's rows are the K students' batches
+        per_rank = micro = cfg.batch * cfg.num_students
+    torch.manual_seed(cfg.seed)  # a fresh --preset student is the same on every rank
+    teacher, net, fake, head = (build_students if cfg.all_students else build_nets)(cfg, device)
+    mcfg = net.cfg
+    if cfg.num_students > mcfg.label_dim:
+        raise ValueError(f"--num-students {cfg.num_students} exceeds the {mcfg.label_dim} classes")
+    emb = label_embeddings(teacher or net) if cfg.split == "kmeans" else None
+    partitions = make_partition(mcfg.label_dim, cfg.num_students, cfg.split, cfg.split_seed, emb)
+    partition = partitions if cfg.all_students else partitions[cfg.partition]
+    owned = partitions if cfg.all_students else [partition]  # the classes of each student this run trains
+    if rank == 0:
+        for k, part in zip(range(cfg.num_students) if cfg.all_students else [cfg.partition], owned):
+            print(f"stage {cfg.stage}: student {k} of {cfg.num_students} ({cfg.split}) owns "
+                  f"{len(part)} classes: {part if len(part) <= 20 else part[:10] + ['...']}")
+    shape = (mcfg.img_channels, mcfg.img_resolution, mcfg.img_resolution)
+    pairs, parts, real, lpips_fn = load_data(cfg, owned, partition, mcfg, device)
+    if cfg.channels_last:
+        for m in (teacher, net, fake):
+            if m is not None:
+                m.to(memory_format=torch.channels_last)
+    critic = adm.FakeWithHead(fake, head) if head is not None else fake  # what the second optimiser trains
+    adamw = lambda params: torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    r = types.SimpleNamespace(
+        cfg=cfg, rank=rank, world=world, master=rank == 0, device=device, per_rank=per_rank, micro=micro,
+        accum=per_rank // micro, teacher=teacher, net=net, fake=fake, head=head, critic=critic,
+        opt_net=adamw(net.parameters()), opt_critic=adamw(critic.parameters()) if critic is not None else None,
+        scalers=[torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None for _ in range(2)],
+        ema=copy.deepcopy(net).eval().requires_grad_(False) if cfg.ema_halflife_kimg else None,
+        partition=partition, partitions=partitions, shape=shape, sigma_data=mcfg.sigma_data, pairs=pairs,
+        real=real, lpips_fn=lpips_fn, parts=parts, sigmas=dmd.karras_sigmas(NUM_LEVELS).to(device),
+        n_real=len(real) if real is not None else 0, step=0, skipped=0, bad=0, log=None, terms_acc={},
+        t_last=time.time(), n_last=0, lr=cfg.lr,
+        # a stack's losses are means over the blocks of this many students: times it, each student
+        # gets its own run's gradient (one shared fake score: one network, its mean as it is)
+        students_g=len(owned), students_fake=1 if cfg.shared_fake else len(owned))
+    if cfg.resume:
+        runtime.resume(r)
+    # DDP for the nets that train (after resume: DDP broadcasts rank 0's weights), then torch.compile
+    frozen = lambda m: torch.compile(m) if cfg.compile and m is not None else m
+    wrap = lambda m: frozen(DDP(m, device_ids=[device.index] if device.type == "cuda" else None,
+                                broadcast_buffers=False) if world > 1 else m)
+    r.net_train, r.teacher_f, r.fake_f, r.critic_f = wrap(net), frozen(teacher), frozen(fake), frozen(critic)
+    r.critic_train = wrap(critic) if critic is not None else None
+    r.G = edm_unet.OneStep(r.net_train)  # G(z, y) = D(80 z, 80, y)
+    runtime.write_run_info(r)
+    return r
 
+
+def load_data(cfg, owned, partition, mcfg, device):
+    """Paired set (dm: Eq. 9), real images of the partition (adm: F_ADM, tsm), LPIPS. Each student
+    draws its batch from its own classes and its own pairs (all of them under F_DM: one copy serves
+    all). -> (pairs, per student (classes, pairs, offset), real images, LPIPS)."""
+    pairs = None
+    if cfg.stage == "dm" and cfg.lambda_reg:
+        own = [load_pairs(cfg, part, mcfg, device, k if cfg.all_students else None)
+               for k, part in enumerate(owned if cfg.reg_pairs == "own" else owned[:1])]
+        pairs = tuple(torch.cat(t) for t in zip(*own))
+        sizes = [len(p[0]) for p in own] if cfg.reg_pairs == "own" else [len(pairs[0])] * len(owned)
+        offsets = np.cumsum([0] + sizes[:-1]) if cfg.reg_pairs == "own" else [0] * len(owned)
+    else:
+        sizes, offsets = [0] * len(owned), [0] * len(owned)
+    parts = [(torch.tensor(part, device=device), n, int(o)) for part, n, o in zip(owned, sizes, offsets)]
+    shape = (mcfg.img_channels, mcfg.img_resolution, mcfg.img_resolution)
+    real = sample.ImageFolder(cfg.data, classes=partition, resolution=mcfg.img_resolution,
+                              channels=mcfg.img_channels, need_labels=True) if cfg.stage in ("adm", "tsm") else None
+    if real is not None and real.shape != shape:
+        raise ValueError(f"--data {cfg.data}: images {real.shape} do not fit the model {shape}")
+    lpips_fn = None
+    if pairs is not None and cfg.reg_loss == "lpips":
+        import lpips
+        with torch.random.fork_rng():
+            torch.manual_seed(cfg.seed)
+            lpips_fn = lpips.LPIPS(net="vgg", pnet_rand=cfg.lpips_random, verbose=False).to(device).eval()
+        lpips_fn.requires_grad_(False)
+    return pairs, parts, real, lpips_fn
+
+
+# ----------------------------------------------------------------------------- the gradient probe and sample grids
 
 def grad_probe(r, b):
     """|grad_G| of each weighted loss term on its own (DMD users balance lambda_reg by these)."""
     params = [p for p in r.net.parameters() if p.requires_grad]
     if r.critic is not None:
         r.critic.requires_grad_(False)
-    with amp(r.cfg, r.device):
+    with runtime.amp(r.cfg, r.device):
         terms, _ = generator_losses(r.cfg, edm_unet.OneStep(r.net), r.teacher_f, r.fake, r.critic, r.lpips_fn, b, r.pairs)
     w, out = loss_weights(r.cfg), {}
     scale = r.scalers[0].get_scale() if r.scalers[0] is not None else 1.0  # fp16: as the update's backward
@@ -799,32 +515,73 @@ def save_samples(cfg, net, partition, shape, device, step, folder, per_class=8):
     z = torch.randn((len(y), *shape), generator=torch.Generator(device).manual_seed(cfg.seed), device=device)
     was = net.training
     net.eval()
-    with amp(cfg, device):
+    with runtime.amp(cfg, device):
         x = sample.heun_sampler(net, z, y, num_steps=32) if cfg.stage == "tsm" else edm_unet.OneStep(net)(z, y)
     net.train(was)
     sample.save_grid(os.path.join(folder, f"samples_{step:08d}.png"), sample.to_uint8(x.float()).cpu(), ncol=per_class)
 
 
-# ----------------------------------------------------------------------------- command line
+# ----------------------------------------------------------------------------- the command line
 
-def config_help():
-    """Each Config field's trailing comment in this file: the dataclass documents the flags."""
-    return dict(re.findall(r"^\s+(\w+): [^#\n]*#\s*(.*)$", inspect.getsource(Config), re.M))
+def check_config(cfg):
+    """Fail on bad input before anything loads."""
+    if cfg.stage not in STAGE_DEFAULTS:
+        raise ValueError(f"--stage {cfg.stage!r}: expected one of {list(STAGE_DEFAULTS)}")
+    if cfg.num_students < 1:
+        raise ValueError(f"--num-students {cfg.num_students}: expected >= 1")
+    if not 0 <= cfg.partition < cfg.num_students:
+        raise ValueError(f"--partition {cfg.partition}: expected 0..{cfg.num_students - 1} for --num-students {cfg.num_students}")
+    runtime.check_numbers(cfg, positive=("lr", "batch", "grad_clip", "fake_steps_per_gen", "log_every", "sample_every",
+                                          "ckpt_every", "lpips_size", "P_std"),
+                          nonnegative=("iters", "lambda_reg", "micro_batch", "weight_decay", "ema_halflife_kimg",
+                                       "grad_probe_every", "max_bad_steps", "lambda_gan_g", "lambda_gan_d", "warmup"),
+                          unit=("beta1", "beta2"))
+    if not 0 <= cfg.t_min < cfg.t_max <= NUM_LEVELS:
+        raise ValueError(f"--t-min {cfg.t_min} / --t-max {cfg.t_max}: expected 0 <= t_min < t_max <= {NUM_LEVELS}")
+    if not 0 < cfg.gan_t_max <= NUM_LEVELS:
+        raise ValueError(f"--gan-t-max {cfg.gan_t_max}: expected 1..{NUM_LEVELS}")
+    if not 0 <= cfg.seed < 2 ** 19:
+        raise ValueError(f"--seed {cfg.seed}: expected 0 <= seed < {2 ** 19} (the seed is a bit field of step_seed)")
+    if cfg.iters >= 2 ** 32 or cfg.fake_steps_per_gen > runtime.MAX_FAKE_STEPS:
+        raise ValueError(f"--iters {cfg.iters} / --fake-steps-per-gen {cfg.fake_steps_per_gen}: expected "
+                         f"< 2^32 / <= {runtime.MAX_FAKE_STEPS} (each has a bit field of step_seed)")
+    adm.check_width(cfg.head_width)
+    if cfg.stage == "adm" and cfg.lambda_reg:
+        raise ValueError(f"--lambda-reg {cfg.lambda_reg} with --stage adm: the ADM stage has no regression term "
+                         f"(MSD Sec. 3.2 and DMD2 drop it); use --lambda-reg 0, or add the GAN to a DM run yourself")
+    runtime.check_choices(cfg, CHOICES)
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but CUDA is not available (use --device cpu)")
+    if cfg.all_students and cfg.stage != "dm":
+        raise ValueError(f"--all-students with --stage {cfg.stage}: the stack trains the dm stage only (so far)")
+    if cfg.all_students and cfg.channels_last:
+        raise ValueError("--channels-last with --all-students: a stack's weights have 5 dimensions (so far NCHW only)")
+    if cfg.shared_fake and not cfg.all_students:
+        raise ValueError("--shared-fake needs --all-students (one fake score serves the K students of one run)")
+    if cfg.shared_fake and "{k}" in cfg.fake_init:
+        raise ValueError(f"--fake-init {cfg.fake_init!r} with --shared-fake: one fake score has one start, not one per student")
+    needs = {"dm": ["teacher", "pairs"] if cfg.lambda_reg else ["teacher"], "adm": ["teacher", "data"],
+             "tsm": ["data"] + (["teacher"] if cfg.target == "teacher" else [])}[cfg.stage]
+    for name in needs:
+        if not getattr(cfg, name):
+            raise ValueError(f"--stage {cfg.stage} needs --{name}")
+    for name in ("teacher", "init", "fake_init", "pairs", "data"):
+        ks = range(cfg.num_students) if cfg.all_students and "{k}" in getattr(cfg, name) else [None]
+        for path in (getattr(cfg, name).replace("{k}", str(k)) for k in ks):
+            if path and not os.path.exists(path):
+                raise FileNotFoundError(f"--{name.replace('_', '-')} {path!r} does not exist")
+    if cfg.stage == "tsm" and not (cfg.preset or cfg.init):
+        raise ValueError("--stage tsm needs --preset (a fresh student) or --init (a checkpoint)")
+    try:
+        edm_unet.parse_overrides(cfg.arch)
+    except ValueError as e:
+        raise ValueError(f"--arch {e}") from None
+    if cfg.preset and cfg.preset not in edm_unet.PRESETS:
+        raise ValueError(f"--preset {cfg.preset!r}: expected one of {list(edm_unet.PRESETS)}")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    doc = config_help()
-    for f in dataclasses.fields(Config):
-        kind = [a for a in typing.get_args(f.type) if a is not type(None)] or [f.type]
-        name, text = f"--{f.name.replace('_', '-')}", doc.get(f.name, "")
-        if kind[0] is bool:
-            p.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default, help=text)
-        else:
-            shown = "by stage, as listed" if f.default is None else repr(f.default) if f.default == "" else f.default
-            p.add_argument(name, type=kind[0], default=f.default, choices=CHOICES.get(f.name),
-                           help=f"{text} (default: {shown})".replace("%", "%%"))
-    return Config(**vars(p.parse_args(argv)))
+    return runtime.parse_config(Config, argv, __doc__, CHOICES)
 
 
 def main(argv=None):

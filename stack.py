@@ -68,6 +68,24 @@ class Stack(nn.Module):
         return state
 
 
+def unstack(stack):
+    """The K students as K single networks (edm_unet's EDMPrecond), on the stack's device."""
+    nets = []
+    for k in range(stack.K):
+        net = copy.deepcopy(stack.template[0]).to_empty(device=stack.stacked[0].device)
+        net.load_state_dict(stack.student(k))
+        nets.append(net)
+    return nets
+
+
+def clip_grad_norm_(module, max_norm):
+    """torch.nn.utils.clip_grad_norm_, per student for a Stack. -> the norm before clipping (a
+    stack's: the mean of its students', finite only if every one is: norms are >= 0)."""
+    if isinstance(module, Stack):
+        return clip_per_student(module, max_norm).mean()
+    return torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm)
+
+
 def clip_per_student(stack, max_norm):
     """torch.nn.utils.clip_grad_norm_ for each student of the stack on its own. -> (K,) norms before clipping."""
     grads = [p.grad for p in stack.stacked if p.grad is not None]
@@ -76,7 +94,6 @@ def clip_per_student(stack, max_norm):
     for g in grads:
         g.mul_(coef.view(-1, *([1] * (g.ndim - 1))).to(g.dtype))
     return norms
-
 
 
 if __name__ == "__main__":

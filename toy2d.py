@@ -300,6 +300,21 @@ def per_student(values, S):
     return values.reshape(S, -1).mean(1).tolist()
 
 
+@torch.no_grad()
+def g_curve(teacher, mu_fake, x, sigma, y, noise, x_reg, x_target, S):
+    """G's curve point, per student: 0.5 grad^2 of Eq. 6 (dm_loss's value) and Eq. 9's squared error."""
+    x_t = x + sigma[:, None] * noise
+    grad = dmd.dm_grad(x, teacher(x_t, sigma, y), mu_fake(x_t, sigma, y))
+    return dict(dm=per_student(0.5 * grad ** 2, S), reg=per_student((x_reg - x_target) ** 2, S))
+
+
+@torch.no_grad()
+def fake_curve(mu_fake, x, sigma, y, noise, sigma_data, S):
+    """The fake score's curve point, per student: Eq. 8's weighted squared error, before its step."""
+    err = (mu_fake(x + sigma[:, None] * noise, sigma, y) - x) ** 2
+    return per_student(dmd.edm_weight(sigma, sigma_data)[:, None] * err, S)
+
+
 def distill_dmd(teacher, own, pairs, dc, log_every=500, curve_every=100):
     """MSD DM stage for S stacked students at once (DMD Alg. 1): Eq. 6 + lambda_reg * Eq. 9, and Eq. 8.
     -> (G, last logged means, curve: every `curve_every` steps each student's DM, regression and
@@ -329,12 +344,7 @@ def distill_dmd(teacher, own, pairs, dc, log_every=500, curve_every=100):
         noise = torch.randn_like(x)  # the draw dm_step_loss makes itself; kept for the curve
         loss_dm = dmd.dm_step_loss(x, sigma, y, teacher, mu_fake, noise)
         loss_reg = dmd.regression_loss(x_reg.reshape(-1, 2), x_pair[idx].reshape(-1, 2))
-        if record:
-            with torch.no_grad():  # per student: 0.5 grad^2 of Eq. 6 (dm_loss's value), Eq. 9's squared error
-                x_t = x + sigma[:, None] * noise
-                grad = dmd.dm_grad(x, teacher(x_t, sigma, y), mu_fake(x_t, sigma, y))
-                row = dict(step=it + 1, dm=per_student(0.5 * grad ** 2, S),
-                           reg=per_student((x_reg - x_pair[idx]) ** 2, S))
+        row = dict(step=it + 1, **g_curve(teacher, mu_fake, x, sigma, y, noise, x_reg, x_pair[idx], S)) if record else None
         loss_G = S * (loss_dm + dc.lambda_reg * loss_reg)  # sum over students of per-student means
         opt_G.zero_grad(set_to_none=True)
         loss_G.backward()
@@ -350,11 +360,7 @@ def distill_dmd(teacher, own, pairs, dc, log_every=500, curve_every=100):
             noise_f = torch.randn_like(x)  # the draw denoise_loss makes itself
             loss_fake = S * dmd.denoise_loss(mu_fake, x.detach(), sigma_f, y, cfg.sigma_data, noise_f)
             if record and j == 0:
-                with torch.no_grad():  # per student: Eq. 8's weighted squared error, before mu_fake's step
-                    x_t = x.detach() + sigma_f[:, None] * noise_f
-                    err = (mu_fake(x_t, sigma_f, y) - x.detach()) ** 2
-                    row["fake"] = per_student(dmd.edm_weight(sigma_f, cfg.sigma_data)[:, None] * err, S)
-                    curve.append(row)
+                curve.append(dict(row, fake=fake_curve(mu_fake, x.detach(), sigma_f, y, noise_f, cfg.sigma_data, S)))
             opt_fake.zero_grad(set_to_none=True)
             loss_fake.backward()
             opt_fake.step()
