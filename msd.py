@@ -156,12 +156,21 @@ def label_embeddings(denoiser):
 
 def draw_batch(r, step, stream, with_pairs=True):
     """The whole global batch of one update; --all-students: each student's batch exactly as its own
-    run draws it, the K batches one after another (K*B rows; pair indices offset to its own pairs)."""
+    run draws it, the K batches one after another (K*B rows; pair indices offset to its own pairs).
+    One shared fake score draws its Eq. 8 t and noise for all K*B rows from a stream of its own, so
+    its batch holds K*B distinct draws (the students' own runs would draw the same B for each)."""
     parts = [draw_student_batch(r, step, stream, with_pairs, classes, n_pairs) for classes, n_pairs, _ in r.parts]
     for b, (_, _, offset) in zip(parts, r.parts):
         if "pair_idx" in b and offset:
             b["pair_idx"] = b["pair_idx"] + offset
-    return parts[0] if len(parts) == 1 else {k: torch.cat([b[k] for b in parts]) for k in parts[0]}
+    if len(parts) == 1:
+        return parts[0]
+    b = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    if r.cfg.shared_fake:
+        g = runtime.rng(r.cfg, step, runtime.SHARED_FAKE_STREAM + stream, r.device)
+        b["sigma_fake"] = dmd.sample_sigma(len(b["z"]), r.sigmas, 0, NUM_LEVELS, g)
+        b["noise_fake"] = torch.randn(b["z"].shape, generator=g, device=r.device)
+    return b
 
 
 def draw_student_batch(r, step, stream, with_pairs, classes, n_pairs):
@@ -421,10 +430,6 @@ def setup(cfg):
     partitions = make_partition(mcfg.label_dim, cfg.num_students, cfg.split, cfg.split_seed, emb)
     partition = partitions if cfg.all_students else partitions[cfg.partition]
     owned = partitions if cfg.all_students else [partition]  # the classes of each student this run trains
-    if rank == 0:
-        for k, part in zip(range(cfg.num_students) if cfg.all_students else [cfg.partition], owned):
-            print(f"stage {cfg.stage}: student {k} of {cfg.num_students} ({cfg.split}) owns "
-                  f"{len(part)} classes: {part if len(part) <= 20 else part[:10] + ['...']}")
     shape = (mcfg.img_channels, mcfg.img_resolution, mcfg.img_resolution)
     pairs, parts, real, lpips_fn = load_data(cfg, owned, partition, mcfg, device)
     if cfg.channels_last:
@@ -540,11 +545,7 @@ def check_config(cfg):
         raise ValueError(f"--t-min {cfg.t_min} / --t-max {cfg.t_max}: expected 0 <= t_min < t_max <= {NUM_LEVELS}")
     if not 0 < cfg.gan_t_max <= NUM_LEVELS:
         raise ValueError(f"--gan-t-max {cfg.gan_t_max}: expected 1..{NUM_LEVELS}")
-    if not 0 <= cfg.seed < 2 ** 19:
-        raise ValueError(f"--seed {cfg.seed}: expected 0 <= seed < {2 ** 19} (the seed is a bit field of step_seed)")
-    if cfg.iters >= 2 ** 32 or cfg.fake_steps_per_gen > runtime.MAX_FAKE_STEPS:
-        raise ValueError(f"--iters {cfg.iters} / --fake-steps-per-gen {cfg.fake_steps_per_gen}: expected "
-                         f"< 2^32 / <= {runtime.MAX_FAKE_STEPS} (each has a bit field of step_seed)")
+    runtime.check_seed_fields(cfg)
     adm.check_width(cfg.head_width)
     if cfg.stage == "adm" and cfg.lambda_reg:
         raise ValueError(f"--lambda-reg {cfg.lambda_reg} with --stage adm: the ADM stage has no regression term "

@@ -62,9 +62,9 @@ def setup_dist(cfg):
         raise ValueError(f"--micro-batch {micro} does not divide the per-rank batch {per_rank}")
     if cfg.all_students and (world > 1 or micro != per_rank):
         raise ValueError("--all-students runs in one process without --micro-batch (so far)")
-    if cfg.batch // micro > MAX_STREAM - DROPOUT_STREAM:
+    if cfg.batch // micro > SHARED_FAKE_STREAM - DROPOUT_STREAM:
         raise ValueError(f"--batch {cfg.batch} in micro-batches of {micro}: expected at most "
-                         f"{MAX_STREAM - DROPOUT_STREAM} micro-batches per step (a bit field of step_seed)")
+                         f"{SHARED_FAKE_STREAM - DROPOUT_STREAM} micro-batches per step (a bit field of step_seed)")
     return rank, world, device, per_rank, micro
 
 
@@ -96,6 +96,7 @@ def real_batch(real, idx, device):
 
 MAX_FAKE_STEPS = 255    # streams 1..255: the fake score's extra batches (DMD2's TTUR)
 DROPOUT_STREAM = 256    # streams 256 + i: dropout of global micro-batch i (tsm)
+SHARED_FAKE_STREAM = 2048  # streams 2048 + s: the shared fake score's Eq. 8 draws of stream s (--shared-fake)
 MAX_STREAM = 4096       # streams are a 12-bit field
 
 
@@ -103,10 +104,10 @@ def step_seed(seed, step, stream):
     """One 64-bit seed per (seed, step, stream), never the same for two triples.
 
     Stream 0 is G's batch, 1 + j the fake score's j-th extra batch, DROPOUT_STREAM + i the dropout
-    of micro-batch i. The compact form seed * 1_000_003 + 16 step + stream is one-to-one while
+    of micro-batch i, SHARED_FAKE_STREAM + s the shared fake score's draws for stream s. The compact form seed * 1_000_003 + 16 step + stream is one-to-one while
     stream < 16 and step < 62,500 (every measured result in the docs drew from it); outside that
     range the seed is 2^63 + bit fields (seed: 19 bits, step: 32, stream: 12), above every compact
-    value. msd.check_config bounds --seed, --iters and --fake-steps-per-gen to fit.
+    value. check_seed_fields bounds --seed, --iters and --fake-steps-per-gen to fit.
     """
     if stream < 16 and step < 62_500:
         return seed * 1_000_003 + 16 * step + stream
@@ -249,10 +250,14 @@ def resume(r):
 
 
 def write_run_info(r):
-    """run.json: what curves.py needs to label and scale the run."""
+    """Which classes each student owns (stdout) and run.json: what curves.py needs to label and scale the run."""
     cfg = r.cfg
     os.makedirs(cfg.out, exist_ok=True)
     if r.master:
+        owned = r.partition if cfg.all_students else [r.partition]
+        for k, part in zip(range(cfg.num_students) if cfg.all_students else [cfg.partition], owned):
+            print(f"stage {cfg.stage}: student {k} of {cfg.num_students} ({cfg.split}) owns "
+                  f"{len(part)} classes: {part if len(part) <= 20 else part[:10] + ['...']}")
         with open(os.path.join(cfg.out, "run.json"), "w") as f:
             json.dump({"stage": cfg.stage, "partition": "all" if cfg.all_students else cfg.partition,
                        "num_students": cfg.num_students, "classes": r.partition, "batch": cfg.batch}, f)
@@ -278,6 +283,15 @@ def check_numbers(cfg, positive=(), nonnegative=(), unit=()):
         for name in names:
             if not test(getattr(cfg, name)):
                 raise ValueError(f"{flag(name)} {getattr(cfg, name)}: expected {expected}")
+
+
+def check_seed_fields(cfg):
+    """--seed, --iters and --fake-steps-per-gen must fit their bit fields of step_seed."""
+    if not 0 <= cfg.seed < 2 ** 19:
+        raise ValueError(f"--seed {cfg.seed}: expected 0 <= seed < {2 ** 19} (the seed is a bit field of step_seed)")
+    if cfg.iters >= 2 ** 32 or cfg.fake_steps_per_gen > MAX_FAKE_STEPS:
+        raise ValueError(f"--iters {cfg.iters} / --fake-steps-per-gen {cfg.fake_steps_per_gen}: expected "
+                         f"< 2^32 / <= {MAX_FAKE_STEPS} (each has a bit field of step_seed)")
 
 
 def check_choices(cfg, choices):

@@ -22,7 +22,8 @@ mu_fake that student k's own Eq. 6 needs (DM gradient mu_fake(x_t, t, y) - mu_re
 y in Y_k). Only the parameters are shared, as the teacher shares its parameters across classes;
 the target of every student's Eq. 6 is unchanged. What changes is what the one network must fit
 (K students' distributions at once, with the capacity of one) and its batch (K*B samples per
-Eq. 8 step, one optimiser), so its memory is one fake score and its optimiser state instead of K.
+Eq. 8 step, each with its own t and noise, one optimiser), so its memory is one fake score and its
+optimiser state instead of K.
 It starts from `--fake-init` (a student-sized network, e.g. the K = 1 TSM student) or, without
 it, from the teacher, which for TSM-sized students is the larger network.
 

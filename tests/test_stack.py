@@ -87,3 +87,23 @@ def test_stacked_log_counts_all_images_and_own_pairs_error_names_the_student(fil
     np.savez(tmp_path / "class0.npz", **{**p, "labels": np.zeros_like(p["labels"])})  # no pair of student 1's classes
     with pytest.raises(ValueError, match=r"holds no pair of partition 1 \(classes \[5, 6, 7, 8, 9\]\)"):
         msd.main(args(files, tmp_path / "o", "--all-students", "--reg-pairs", "own", "--pairs", str(tmp_path / "class0.npz")))
+
+
+def test_one_shared_fake_score_draws_k_times_b_distinct_levels_and_noises():
+    """Each student's block of G's draws is its own run's; the shared fake score's Eq. 8 draws are K*B distinct
+    ones (with K fake scores, each block repeats its own run's B draws, as K separate runs would)."""
+    import types
+    import dmd
+    sigmas = dmd.karras_sigmas(1000)
+    parts = [(torch.arange(0, 5), 0, 0), (torch.arange(5, 10), 0, 0)]
+    batches = {}
+    for shared in (False, True):
+        cfg = msd.Config(batch=64, all_students=True, shared_fake=shared, num_students=2)
+        r = types.SimpleNamespace(cfg=cfg, shape=(1, 2, 2), device=torch.device("cpu"), parts=parts, sigmas=sigmas, n_real=0)
+        batches[shared] = msd.draw_batch(r, step=3, stream=0)
+    sep, shr = batches[False], batches[True]
+    for k in ("z", "y", "sigma", "noise"):  # G's draws: the same either way, and the students' blocks repeat z
+        assert torch.equal(sep[k], shr[k]), k
+    assert torch.equal(sep["noise_fake"][:64], sep["noise_fake"][64:])  # separate: each block its own run's draws
+    assert not torch.equal(shr["noise_fake"][:64], shr["noise_fake"][64:])
+    assert len(torch.unique(shr["noise_fake"].flatten(1), dim=0)) == 128 and len(torch.unique(shr["sigma_fake"])) > 64
