@@ -94,6 +94,7 @@ class Check:
         if self.left() < need:
             return self.add(section, name, None, status=f"not run: {self.left():.0f} s of the budget left, needs {need:.0f}")
         t = time.time()
+        torch._dynamo.reset()  # each item compiles afresh: no item runs into dynamo's recompile limit (and eager)
         try:
             ok, values = fn()
         except Exception as e:  # one broken path must not hide the others
@@ -298,14 +299,15 @@ def table(ck, hp):
                            "step": "img_per_s"}[kind]
                     if key in it:
                         met = it[key] >= goal if higher else it[key] <= goal
-                        target += f"{kind} {'>=' if higher else '<='} {goal:g} {unit}: {'met' if met else 'not met'}; "
+                        target += f"{kind} {'>=' if higher else '<='} {goal:g} {unit}: {'met' if met else 'not met'}. "
             if "status" in it or "error" in it:
                 lines.append(f"| {it['name']} | {it.get('status') or it.get('error')} | | | | | |")
             elif "ms_per_iter" in it:
-                lines.append(f"| {it['name']} | {it['ms_per_iter']} ms/step | {it['img_per_s']} img/s | | | {it['peak_gib']} | {target} |")
+                lines.append(f"| {it['name']} | {it['ms_per_iter']} ms/step | {it['img_per_s']} img/s | | | {it['peak_gib']} | "
+                             f"{target.strip()} |")
             else:
                 lines.append(f"| {it['name']} | {it['forward_ms']} | {it['forward_img_s']} | {it['fwd_bwd_ms']} | "
-                             f"{it['fwd_bwd_img_s']} | {it['peak_gib']} | {target} |")
+                             f"{it['fwd_bwd_img_s']} | {it['peak_gib']} | {target.strip()} |")
     return "\n".join(lines) + "\n"
 
 
