@@ -444,7 +444,7 @@ def setup(cfg):
         opt_net=adamw(net.parameters()), opt_critic=adamw(critic.parameters()) if critic is not None else None,
         scalers=[torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None for _ in range(2)],
         ema=copy.deepcopy(net).eval().requires_grad_(False) if cfg.ema_halflife_kimg else None,
-        partition=partition, partitions=partitions, shape=shape, sigma_data=mcfg.sigma_data, pairs=pairs,
+        partition=partition, partitions=partitions, owned=owned, shape=shape, sigma_data=mcfg.sigma_data, pairs=pairs,
         real=real, lpips_fn=lpips_fn, parts=parts, sigmas=dmd.karras_sigmas(NUM_LEVELS).to(device),
         n_real=len(real) if real is not None else 0, step=0, skipped=0, bad=0, log=None, terms_acc={},
         t_last=time.time(), n_last=0, lr=cfg.lr,

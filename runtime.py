@@ -254,8 +254,7 @@ def write_run_info(r):
     cfg = r.cfg
     os.makedirs(cfg.out, exist_ok=True)
     if r.master:
-        owned = r.partition if cfg.all_students else [r.partition]
-        for k, part in zip(range(cfg.num_students) if cfg.all_students else [cfg.partition], owned):
+        for k, part in zip(range(cfg.num_students) if cfg.all_students else [cfg.partition], r.owned):
             print(f"stage {cfg.stage}: student {k} of {cfg.num_students} ({cfg.split}) owns "
                   f"{len(part)} classes: {part if len(part) <= 20 else part[:10] + ['...']}")
         with open(os.path.join(cfg.out, "run.json"), "w") as f:
@@ -271,7 +270,7 @@ def per_student(r, net):
     folders = [os.path.join(r.cfg.out, f"p{k}") for k in range(net.K)]
     for folder in folders:
         os.makedirs(folder, exist_ok=True)
-    return list(zip(folders, r.partition, stack.unstack(net)))
+    return list(zip(folders, r.owned, stack.unstack(net)))
 
 
 # ----------------------------------------------------------------------------- the command line

@@ -276,7 +276,7 @@ def speed(ck, hp, dev, compiled):
 
 # ----------------------------------------------------------------------------- report
 
-def table(ck, hp):
+def table(ck):
     lines = [f"# GPU check: {ck.info['device']}", "", f"`{ck.info['command']}`, commit {ck.info['commit']}, torch "
              f"{ck.info['torch']}, {ck.info['seconds']} s. Tolerances: first-step losses within {RTOL:.0%} of fp32 eager "
              f"(+ {ATOL}); routed samples within {PIXEL_TOL} mean absolute difference ([-1, 1]); Heun images within "
@@ -354,7 +354,7 @@ def main(argv=None):
         with open(os.path.join(out, "run.json"), "w") as f:
             json.dump(ck.info, f, indent=1)
         with open(os.path.join(out, "table.md"), "w") as f:
-            f.write(table(ck, hp))
+            f.write(table(ck))
         with open(os.path.join(out, "results.json"), "w") as f:
             json.dump(dict(info=ck.info, items=ck.items), f, indent=1, default=str)
     failed = [it["name"] for it in ck.items if it["ok"] is False]
