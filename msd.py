@@ -9,9 +9,10 @@ The method, in the order of this file (MSD Fig. 2, Eq. 4): student k owns the cl
 partition (Sec. 3.2, `make_partition`) and trains on them alone, stage by stage: `tsm` (Stage 0,
 Eq. 3, tsm.py) pretrains a smaller denoiser; `dm` (Stage 1, DMD Alg. 1) steps G on Eq. 6 +
 lambda_reg Eq. 9 (`update_generator`), then the fake score on Eq. 8 (`update_fake_score`; dmd.py
-holds the losses); `adm` (Stage 2) adds a GAN on the fake score's middle block (adm.py). Then
-`train`, the set-up and the checks; the plumbing (ranks, random streams, optimiser steps, logs,
-resume files, the command line) is runtime.py's.
+holds the losses; `--loss sid` puts SiD's loss, sid.py, in Eq. 6's place: MSD App. J.1); `adm`
+(Stage 2) adds a GAN on the fake score's middle block (adm.py). Then `train`, the set-up and the
+checks; the plumbing (ranks, random streams, optimiser steps, logs, resume files, the command line)
+is runtime.py's.
 
 Every student is an independent run, on its own machines or one after another (`--all-students`:
 all K in one run, stack.py). A run writes to --out: resume-XXXXXXXX.pt (the last two), student.pt
@@ -38,6 +39,7 @@ import dmd
 import edm_unet
 import runtime
 import sample
+import sid
 import stack
 import tsm
 
@@ -66,7 +68,7 @@ class Config:  # every comment below is also the flag's --help line
     lambda_reg: typing.Optional[float] = None  # weight of the regression loss (Eq. 9); paper: dm 0.25, adm/tsm 0
     micro_batch: int = 0                # per-rank micro-batch for gradient accumulation; 0 = none
     weight_decay: float = 0.01          # AdamW weight decay (App. D.2.1)
-    beta1: float = 0.9                  # AdamW beta1 (App. D.2.1)
+    beta1: typing.Optional[float] = None  # AdamW beta1: 0.9 (App. D.2.1); 0 with --loss sid (SiD's Adam)
     beta2: float = 0.999                # AdamW beta2 (App. D.2.1)
     grad_clip: float = 10.0             # gradient-norm clipping (App. D.2.1)
     fake_steps_per_gen: typing.Optional[int] = None  # mu_fake updates per G update; dm 1 (DMD Alg. 1), adm 5 (DMD2's TTUR, dfake_gen_update_ratio)
@@ -74,8 +76,10 @@ class Config:  # every comment below is also the flag's --help line
     t_min: int = 20                     # DM noise levels t >= t_min of the 1000 Karras levels (DMD2: 0.02T)
     t_max: int = 981                    # DM: t < t_max (DMD2: 0.98T, 980 included); mu_fake (Eq. 8) draws all 1000
     gan_t_max: int = 1000               # adm: each GAN input is noised at its own t in [0, gan_t_max) (DMD2's --diffusion_gan_max_timestep)
-    P_mean: float = -1.2                # tsm: EDM's log-normal sigma, mean of ln sigma (App. D.2.2)
-    P_std: float = 1.2                  # tsm: std of ln sigma (App. D.2.2)
+    P_mean: float = -1.2                # tsm, and mu_fake under --loss sid: EDM's log-normal sigma, mean of ln sigma (App. D.2.2; SiD)
+    P_std: float = 1.2                  # tsm, --loss sid's mu_fake: std of ln sigma (App. D.2.2; SiD)
+    loss: str = "dm"                    # dm/adm: G's one-step loss: dm (DMD Eq. 6) | sid (SiD, sid.py: sigma <= 24.4, --beta1 0, mu_fake log-normal; MSD App. J.1)
+    sid_alpha: float = 1.2              # --loss sid: SiD's alpha (their default 1.2; alpha does nothing without the backward pass through both denoisers)
     lambda_gan_g: float = 3e-3          # adm: generator GAN weight (App. D.2.1)
     lambda_gan_d: float = 1e-2          # adm: discriminator GAN weight (App. D.2.1)
     head_width: int = adm.WIDTH          # adm: channels of the GAN head, a multiple of 32 (DMD2: 768; the paper is silent)
@@ -105,7 +109,7 @@ STAGE_DEFAULTS = {  # MSD App. D.2 where it speaks; its sources where it is sile
 }
 NUM_LEVELS = 1000  # App. D.2.1: 1000 Karras levels in [0.002, 80]
 CHOICES = {"stage": tuple(STAGE_DEFAULTS), "split": ("consecutive", "kmeans", "random"), "target": ("teacher", "data"), "reg_pairs": ("all", "own"),
-           "reg_loss": ("lpips", "mse"), "precision": ("bf16", "fp16", "fp32")}
+           "loss": ("dm", "sid"), "reg_loss": ("lpips", "mse"), "precision": ("bf16", "fp16", "fp32")}
 
 
 # ----------------------------------------------------------------------------- partitions (Sec. 3.2, App. B.1)
@@ -168,7 +172,7 @@ def draw_batch(r, step, stream, with_pairs=True):
     b = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     if r.cfg.shared_fake:
         g = runtime.rng(r.cfg, step, runtime.SHARED_FAKE_STREAM + stream, r.device)
-        b["sigma_fake"] = dmd.sample_sigma(len(b["z"]), r.sigmas, 0, NUM_LEVELS, g)
+        b["sigma_fake"] = fake_sigma(r, len(b["z"]), g)
         b["noise_fake"] = torch.randn(b["z"].shape, generator=g, device=r.device)
     return b
 
@@ -182,10 +186,11 @@ def draw_student_batch(r, step, stream, with_pairs, classes, n_pairs):
     b = {"z": torch.randn((B, *shape), generator=g, device=dev),                          # (B, C, H, W)
          "y": classes[torch.randint(len(classes), (B,), generator=g, device=dev)],        # labels of Y_k
          "sigma": tsm.sample_sigma_lognormal(B, cfg.P_mean, cfg.P_std, g, dev) if cfg.stage == "tsm"
+         else sid.sample_sigma(B, generator=g, device=dev) if cfg.loss == "sid"  # SiD: t <= 0.8 on the Karras curve
          else dmd.sample_sigma(B, r.sigmas, cfg.t_min, cfg.t_max, g)}
     b["noise"] = torch.randn((B, *shape), generator=g, device=dev)
     if cfg.stage != "tsm":
-        b["sigma_fake"] = dmd.sample_sigma(B, r.sigmas, 0, NUM_LEVELS, g)
+        b["sigma_fake"] = fake_sigma(r, B, g)
         b["noise_fake"] = torch.randn((B, *shape), generator=g, device=dev)
     if n_pairs and with_pairs:
         b["pair_idx"] = torch.randint(n_pairs, (B,), generator=g, device=dev)
@@ -198,8 +203,15 @@ def draw_student_batch(r, step, stream, with_pairs, classes, n_pairs):
     return b
 
 
+def fake_sigma(r, n, g):
+    """mu_fake's Eq. 8 noise levels: t ~ U over all 1000 levels (DMD Alg. 1); --loss sid: EDM's log-normal (SiD)."""
+    if r.cfg.loss == "sid":
+        return tsm.sample_sigma_lognormal(n, r.cfg.P_mean, r.cfg.P_std, g, r.device)
+    return dmd.sample_sigma(n, r.sigmas, 0, NUM_LEVELS, g)
+
+
 def generator_losses(cfg, G, teacher, fake, critic, lpips_fn, b, pairs, K=1):
-    """G's loss terms on micro-batch b: DM (Eq. 6), regression (Eq. 9), GAN (adm). Returns (terms, x).
+    """G's loss terms on micro-batch b: DM (Eq. 6) or SiD, regression (Eq. 9), GAN (adm). Returns (terms, x).
     K > 1: b holds K students' blocks of rows, one after another (--all-students)."""
     terms = {}
     if cfg.lambda_reg:
@@ -212,7 +224,10 @@ def generator_losses(cfg, G, teacher, fake, critic, lpips_fn, b, pairs, K=1):
         terms["reg"] = dmd.regression_loss(x_pair, img_pair, lpips_fn, cfg.lpips_size)
     else:
         x = G(b["z"], b["y"])
-    terms["dm"] = dmd.dm_step_loss(x, b["sigma"], b["y"], teacher, fake, b["noise"])
+    if cfg.loss == "sid":  # the gradient goes through both denoisers (their weights frozen here: sid.py)
+        terms["sid"] = sid.sid_loss(x, b["sigma"], b["y"], teacher, fake, b["noise"], cfg.sid_alpha)
+    else:
+        terms["dm"] = dmd.dm_step_loss(x, b["sigma"], b["y"], teacher, fake, b["noise"])
     if cfg.stage == "adm":  # non-saturating GAN loss through the (frozen here) critic, at its own sigma
         x_t = x + dmd._bcast(b["sigma_gan"], x) * b["noise_gan"]
         terms["gan_g"] = adm.gan_g_loss(critic(x_t, b["sigma_gan"], b["y"])[1])
@@ -239,7 +254,7 @@ def critic_losses(cfg, critic, x, b, sigma_data, real=None):
 
 def loss_weights(cfg):
     """The weight of every loss term, by the name the loss functions give it."""
-    return {"dm": 1.0, "reg": cfg.lambda_reg, "gan_g": cfg.lambda_gan_g, "fake": 1.0, "gan_d": cfg.lambda_gan_d, "tsm": 1.0}
+    return {"dm": 1.0, "sid": 1.0, "reg": cfg.lambda_reg, "gan_g": cfg.lambda_gan_g, "fake": 1.0, "gan_d": cfg.lambda_gan_d, "tsm": 1.0}
 
 
 def weighted(cfg, terms):
@@ -252,7 +267,7 @@ def update_generator(r, b_gen):
     tsm: the student's Eq. 3 step instead. -> (terms, G's samples per micro-batch, ok)."""
     cfg, terms_sum, xs = r.cfg, {}, []
     if r.critic is not None:
-        r.critic.requires_grad_(False)  # the GAN term's gradient goes through the critic into G only
+        r.critic.requires_grad_(False)  # the GAN's (and SiD's) gradient goes through the critic into G only
     for i, b in runtime.micro_batches(r, b_gen):
         with runtime.no_sync(r, r.net_train, i), runtime.amp(cfg, r.device):
             if cfg.stage == "tsm":  # dropout: a function of (seed, step, global micro-batch), not of the rank count
@@ -297,19 +312,10 @@ def update_fake_score(r, b_gen, xs, step):
     return terms_sum, ok
 
 
-def warmup_lr(r, step):
-    """DMD2's constant_with_warmup: lr * min(1, step / warmup) for both optimisers (a function of step)."""
-    lr = r.cfg.lr * min(1.0, step / r.cfg.warmup) if r.cfg.warmup else r.cfg.lr
-    for opt in (r.opt_net, r.opt_critic):
-        for group in opt.param_groups if opt is not None else ():
-            group["lr"] = lr
-    return lr
-
-
 def train(cfg):
     r = setup(cfg)
     for step in range(r.step, cfg.iters):
-        r.lr = warmup_lr(r, step)
+        r.lr = runtime.warmup_lr(r, step)
         b = draw_batch(r, step, 0)                        # z, y, t, noise: a function of (seed, step)
         g_terms, xs, ok = update_generator(r, b)          # Alg. 1 l.5-9: Eq. 6 + lambda_reg Eq. 9 [+ GAN]; tsm: Eq. 3
         f_terms, ok_f = update_fake_score(r, b, xs, step) if r.critic is not None else ({}, True)  # l.10-12: Eq. 8 [+ D]
@@ -342,7 +348,8 @@ def log_and_checkpoint(r, step, b_gen, terms, ok):
     if step % cfg.sample_every == 0 or step == cfg.iters:
         students = runtime.per_student(r, r.ema or r.net)
         for folder, part, net in students:
-            save_samples(cfg, net, part, r.shape, r.device, step, folder)
+            sample.class_grid(os.path.join(folder, f"samples_{step:08d}.png"), net, part, r.shape, cfg.seed, r.device,
+                              heun=cfg.stage == "tsm", dtype=sample.AUTOCAST[cfg.precision])
     if step % cfg.ckpt_every == 0 or step == cfg.iters:
         runtime.save_resume(cfg, step, runtime.train_state(r))
         for folder, part, net in students or runtime.per_student(r, r.ema or r.net):  # what sample.py students routes
@@ -417,6 +424,7 @@ def setup(cfg):
     for k, v in STAGE_DEFAULTS.get(cfg.stage, {}).items():
         if getattr(cfg, k) is None:
             setattr(cfg, k, v)
+    cfg.beta1 = (0.0 if cfg.loss == "sid" else 0.9) if cfg.beta1 is None else cfg.beta1  # SiD's Adam; App. D.2.1
     check_config(cfg)
     rank, world, device, per_rank, micro = runtime.setup_dist(cfg)
     if cfg.all_students:  # one process, no accumulation: a step's rows are the K students' batches
@@ -493,7 +501,7 @@ def load_data(cfg, owned, partition, mcfg, device):
     return pairs, parts, real, lpips_fn
 
 
-# ----------------------------------------------------------------------------- the gradient probe and sample grids
+# ----------------------------------------------------------------------------- the gradient probe
 
 def grad_probe(r, b):
     """|grad_G| of each weighted loss term on its own (DMD users balance lambda_reg by these)."""
@@ -510,20 +518,6 @@ def grad_probe(r, b):
     if r.critic is not None:
         r.critic.requires_grad_(True)
     return out
-
-
-@torch.no_grad()
-def save_samples(cfg, net, partition, shape, device, step, folder, per_class=8):
-    """A grid, one row per class (up to 10 of the partition): one-step G, or 32 Heun steps (tsm)."""
-    rows = partition[:: max(1, len(partition) // 10)][:10]
-    y = torch.tensor([c for c in rows for _ in range(per_class)], device=device)
-    z = torch.randn((len(y), *shape), generator=torch.Generator(device).manual_seed(cfg.seed), device=device)
-    was = net.training
-    net.eval()
-    with runtime.amp(cfg, device):
-        x = sample.heun_sampler(net, z, y, num_steps=32) if cfg.stage == "tsm" else edm_unet.OneStep(net)(z, y)
-    net.train(was)
-    sample.save_grid(os.path.join(folder, f"samples_{step:08d}.png"), sample.to_uint8(x.float()).cpu(), ncol=per_class)
 
 
 # ----------------------------------------------------------------------------- the command line
@@ -553,6 +547,8 @@ def check_config(cfg):
     runtime.check_choices(cfg, CHOICES)
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda asked for, but CUDA is not available (use --device cpu)")
+    if cfg.loss == "sid" and cfg.stage == "tsm":
+        raise ValueError("--loss sid with --stage tsm: SiD trains the one-step G (dm, adm); tsm trains a denoiser (Eq. 3)")
     if cfg.all_students and cfg.stage != "dm":
         raise ValueError(f"--all-students with --stage {cfg.stage}: the stack trains the dm stage only (so far)")
     if cfg.all_students and cfg.channels_last:

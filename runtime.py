@@ -144,6 +144,15 @@ def optimizer_step(cfg, module, opt, scaler):
     return norm.detach(), ok
 
 
+def warmup_lr(r, step):
+    """DMD2's constant_with_warmup: lr * min(1, step / warmup) for both optimisers (a function of step)."""
+    lr = r.cfg.lr * min(1.0, step / r.cfg.warmup) if r.cfg.warmup else r.cfg.lr
+    for opt in (r.opt_net, r.opt_critic):
+        for group in opt.param_groups if opt is not None else ():
+            group["lr"] = lr
+    return lr
+
+
 def add_terms(acc, terms, scale):
     for k, v in terms.items():
         acc[k] = acc.get(k, 0) + v.detach().float() / scale

@@ -296,6 +296,21 @@ def save_grid(path, images, ncol=10):
     Image.fromarray(arr[:, :, 0] if c == 1 else arr).save(path)
 
 
+@torch.no_grad()
+def class_grid(path, net, classes, shape, seed, device, heun=False, dtype=None, per_class=8):
+    """A training run's quick look, one row per class (up to 10 of `classes`): one-step G(z) = D(80 z, 80),
+    or 32 Heun steps of a denoiser (heun). dtype: the run's autocast dtype (None: float32)."""
+    rows = classes[:: max(1, len(classes) // 10)][:10]
+    y = torch.tensor([c for c in rows for _ in range(per_class)], device=device)
+    z = torch.randn((len(y), *shape), generator=torch.Generator(device).manual_seed(seed), device=device)
+    was = net.training
+    net.eval()
+    with amp(device.type, dtype):
+        x = heun_sampler(net, z, y, num_steps=32) if heun else edm_unet.OneStep(net)(z, y)
+    net.train(was)
+    save_grid(path, to_uint8(x.float()).cpu(), ncol=per_class)
+
+
 # ----------------------------------------------------------------------------- paired set
 
 def dist_info():

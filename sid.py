@@ -18,6 +18,9 @@ EDM's denoising loss (dmd.denoise_loss, MSD Eq. 8) at EDM's log-normal sigma (P_
 1.2; tsm.sample_sigma_lognormal). We take the mean over batch and pixels instead of SiD's sum, so
 that the constant-network case's gradient equals dmd.dm_loss's exactly (Adam does not see the
 scale; only gradient clipping would). Shape-agnostic like dmd.py: (B, ...) tensors, float32 sums.
+
+Used by `toy2d.py --loss sid` and `msd.py --loss sid` (dm and adm stages, one run or --all-students),
+with SiD's Adam beta1 = 0; the regression term (Eq. 9) and the GAN stay available on top.
 """
 import torch
 
@@ -44,4 +47,5 @@ def sid_loss(x, sigma, labels, mu_real, mu_fake, noise, alpha=1.2):
 
 
 if __name__ == "__main__":
-    raise SystemExit("sid.py holds SiD's generator loss and noise levels; it is not yet a flag of toy2d.py or msd.py")
+    raise SystemExit("sid.py holds SiD's generator loss and noise levels; train with them by "
+                     "`python toy2d.py --students 1 8 --loss sid` or `msd.py --loss sid`")

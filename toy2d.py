@@ -9,6 +9,7 @@ More students -> lower l1 between student and teacher histograms.
     python toy2d.py --students 8            # K=8 vs the K=1 baseline, under 5 min on 2 CPU cores
     python toy2d.py --students 1 2 4 8      # the whole l1-vs-K curve
     python toy2d.py --students 1 2 4 8 --method cd
+    python toy2d.py --students 1 8 --loss sid   # SiD's loss in DM's place (sid.py, MSD App. J.1)
 
 All students of all K in one run are trained *together* as one stack of MLPs (batched
 matmuls), each on its own classes and with its own batch, exactly as independent runs would be.
@@ -28,6 +29,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import dmd
+import sid
 from edm_unet import precond
 
 NUM_CLASSES = 8
@@ -66,6 +68,8 @@ class ToyConfig:
 @dataclass
 class DistillConfig:
     method: str = "dmd"           # 'dmd' (MSD DM stage) or 'cd' (consistency distillation)
+    loss: str = "dm"              # dmd's G loss: dm (Eq. 6) | sid (SiD, sid.py: its t <= 0.8 on the Karras curve, Adam beta1 0, mu_fake at the teacher's log-normal sigma; MSD App. J.1)
+    sid_alpha: float = 1.2        # --loss sid: SiD's alpha (SiD's default)
     iters: int = 6000             # paper: 200k at lr 1e-7; a CPU budget needs far fewer, larger steps
     lr: float = 1e-4              # paper: 1e-7 (see iters)
     batch: int = 256              # per student (equal per-student batch, as in the paper)
@@ -316,15 +320,17 @@ def fake_curve(mu_fake, x, sigma, y, noise, sigma_data, S):
 
 
 def distill_dmd(teacher, own, pairs, dc, log_every=500, curve_every=100):
-    """MSD DM stage for S stacked students at once (DMD Alg. 1): Eq. 6 + lambda_reg * Eq. 9, and Eq. 8.
+    """MSD DM stage for S stacked students at once (DMD Alg. 1): Eq. 6 + lambda_reg * Eq. 9, and Eq. 8;
+    --loss sid: SiD's loss in Eq. 6's place, at SiD's noise levels and Adam beta1 (sid.py).
     -> (G, last logged means, curve: every `curve_every` steps each student's DM, regression and
     fake-score loss, measured on that step's batch without touching the training's random draws)."""
-    cfg, S, B = teacher.cfg, len(own.groups), dc.batch
+    cfg, S, B, use_sid = teacher.cfg, len(own.groups), dc.batch, dc.loss == "sid"
     G = stack_copies(teacher, S)
     G_ema = copy.deepcopy(G).requires_grad_(False) if dc.ema else G
     mu_fake = stack_copies(teacher, S)
-    opt_G = torch.optim.AdamW(G.parameters(), lr=dc.lr, weight_decay=0.01, betas=(0.9, 0.999))
-    opt_fake = torch.optim.AdamW(mu_fake.parameters(), lr=dc.fake_lr or dc.lr, weight_decay=0.01, betas=(0.9, 0.999))
+    betas = (0.0, 0.999) if use_sid else (0.9, 0.999)  # SiD's Adam: beta1 = 0
+    opt_G = torch.optim.AdamW(G.parameters(), lr=dc.lr, weight_decay=0.01, betas=betas)
+    opt_fake = torch.optim.AdamW(mu_fake.parameters(), lr=dc.fake_lr or dc.lr, weight_decay=0.01, betas=betas)
     lr_sched = schedule([opt_G, opt_fake], dc)
     sigmas = dmd.karras_sigmas(cfg.num_levels, cfg.sigma_min, cfg.sigma_max)  # ascending, (1000,)
     z_pair, y_pair, x_pair = pairs
@@ -335,14 +341,19 @@ def distill_dmd(teacher, own, pairs, dc, log_every=500, curve_every=100):
         # generator update: DM gradient (Eq. 6) + regression on the paired set (Eq. 9)
         y = own.labels(B)  # (S, B)
         z = torch.randn(S, B, 2)
-        sigma = dmd.sample_sigma(S * B, sigmas, dc.t_min, dc.t_max)
+        sigma = (sid.sample_sigma(S * B, sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max) if use_sid
+                 else dmd.sample_sigma(S * B, sigmas, dc.t_min, dc.t_max))
         idx = table.gather(1, (torch.rand(S, B) * count[:, None]).long())  # (S, B) pair indices
         # one forward of each student for its DM batch and its pair batch: rows [z; z_pair] per student
         out = G.generate(torch.cat([z, z_pair[idx]], 1).reshape(-1, 2), torch.cat([y, y_pair[idx]], 1).reshape(-1))
         x, x_reg = out.view(S, 2 * B, 2).split(B, 1)  # (S, B, 2) each
         x, y = x.reshape(-1, 2), y.reshape(-1)  # (S*B, 2), (S*B,)
         noise = torch.randn_like(x)  # the draw dm_step_loss makes itself; kept for the curve
-        loss_dm = dmd.dm_step_loss(x, sigma, y, teacher, mu_fake, noise)
+        if use_sid:  # G's gradient goes through both denoisers; mu_fake's weights get none of it
+            loss_dm = sid.sid_loss(x, sigma, y, teacher, mu_fake.requires_grad_(False), noise, dc.sid_alpha)
+            mu_fake.requires_grad_(True)
+        else:
+            loss_dm = dmd.dm_step_loss(x, sigma, y, teacher, mu_fake, noise)
         loss_reg = dmd.regression_loss(x_reg.reshape(-1, 2), x_pair[idx].reshape(-1, 2))
         row = dict(step=it + 1, **g_curve(teacher, mu_fake, x, sigma, y, noise, x_reg, x_pair[idx], S)) if record else None
         loss_G = S * (loss_dm + dc.lambda_reg * loss_reg)  # sum over students of per-student means
@@ -356,7 +367,8 @@ def distill_dmd(teacher, own, pairs, dc, log_every=500, curve_every=100):
                 y = own.labels(B).reshape(-1)
                 with torch.no_grad():
                     x = G.generate(torch.randn(S * B, 2), y)
-            sigma_f = dmd.sample_sigma(S * B, sigmas, 0, cfg.num_levels)
+            sigma_f = ((torch.randn(S * B) * cfg.P_std + cfg.P_mean).exp() if use_sid  # the teacher's log-normal (SiD)
+                       else dmd.sample_sigma(S * B, sigmas, 0, cfg.num_levels))
             noise_f = torch.randn_like(x)  # the draw denoise_loss makes itself
             loss_fake = S * dmd.denoise_loss(mu_fake, x.detach(), sigma_f, y, cfg.sigma_data, noise_f)
             if record and j == 0:
@@ -368,7 +380,7 @@ def distill_dmd(teacher, own, pairs, dc, log_every=500, curve_every=100):
             sch.step()
         if dc.ema:
             ema_update(G_ema, G, dc.ema)
-        mean.add(dm=loss_dm.detach(), reg=loss_reg.detach(), fake=loss_fake.detach() / S)
+        mean.add(**{dc.loss: loss_dm.detach()}, reg=loss_reg.detach(), fake=loss_fake.detach() / S)
         if (it + 1) % log_every == 0 or it == dc.iters - 1:
             last = mean.report()
             bar.set_postfix({k: f"{v:.2e}" for k, v in last.items()})
@@ -543,9 +555,11 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")
     if not 0 <= args.t_min < args.t_max <= args.num_levels:
         p.error(f"--t-min {args.t_min} / --t-max {args.t_max}: expected 0 <= t_min < t_max <= {args.num_levels}")
-    for name, allowed in (("method", ("dmd", "cd")), ("reg_pairs", ("own", "all")), ("act", ("auto", "silu", "relu")), ("lr_decay", ("auto", "none", "cosine"))):
+    for name, allowed in (("method", ("dmd", "cd")), ("loss", ("dm", "sid")), ("reg_pairs", ("own", "all")), ("act", ("auto", "silu", "relu")), ("lr_decay", ("auto", "none", "cosine"))):
         if getattr(args, name) not in allowed:
             p.error(f"--{name.replace('_', '-')} must be one of {allowed}, got {getattr(args, name)!r}")
+    if args.loss == "sid" and args.method != "dmd":
+        p.error(f"--loss sid replaces DM's Eq. 6 in --method dmd, got --method {args.method}")
     if args.long:
         args.iters *= 3
     if args.act == "auto":  # the one-step DM map is piecewise constant: relu draws the spots; CD is worse with it
@@ -591,17 +605,18 @@ def main(argv=None):
         l1.append(hist_l1(x_k, ref_a))
         spots.append(on_mode(x_k, y_k, cfg))
         panels.append((f"{k} student{'s' * (k > 1)} (one step)", x_k))
-    print(f"\nmethod={dc.method}  iters={dc.iters}  lr={dc.lr}  batch/student={dc.batch}")
+    tag = dc.method if dc.loss == "dm" else dc.loss  # the figures' names: toy2d_dmd.png, toy2d_cd.png, toy2d_sid.png
+    print(f"\nmethod={dc.method}  loss={dc.loss}  iters={dc.iters}  lr={dc.lr}  batch/student={dc.batch}")
     print("l1 = sum over the 200x200 bins of |p_a - p_b| of normalised histograms, in [0, 2]; "
           "the paper's App. D.1 mean over bins is l1 / 40000")
     print("on-mode: share of samples within 3 std of a mode of their class (data 0.989, an even ring <= 0.38)")
     print(f"noise floor (teacher vs teacher, {n} samples each): l1 = {floor:.3f}; teacher on-mode {on_mode(ref_a, y_ref, cfg):.3f}")
     for k, v, m in zip(ks, l1, spots):
         print(f"K={k:<2d} students: l1 to teacher = {v:.3f}  on-mode {m:.3f}")
-    fig_path = os.path.join(args.out, f"toy2d_{dc.method}.png")
-    plot(fig_path, ref_a, panels, ks, l1, floor, dc.method)
+    fig_path = os.path.join(args.out, f"toy2d_{tag}.png")
+    plot(fig_path, ref_a, panels, ks, l1, floor, tag)
     per_k = loss_curves_per_k(curve, ks)
-    loss_path = os.path.join(args.out, f"toy2d_{dc.method}_losses.png")
+    loss_path = os.path.join(args.out, f"toy2d_{tag}_losses.png")
     plot_losses(loss_path, per_k)
     print(f"figures: {fig_path}, {loss_path} (training losses per K)\nwall time: {time.time() - t0:.1f} s")
     return dict(ks=ks, l1=l1, on_mode=spots, floor=floor, figure=fig_path, losses=losses, loss_curves=per_k,

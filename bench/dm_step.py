@@ -6,6 +6,7 @@
         --student-arch "model_channels=8,img_resolution=8,attn_resolutions=(4,)" --reg-loss mse --batch 32 --threads 1
                                                               # one step of bench/capacity.py's smallest students
     python bench/dm_step.py ... --stack 1 2 5 10             # K students: K single steps vs one stacked step
+    python bench/dm_step.py ... --loss sid                    # the same step with SiD's loss (msd.py --loss sid)
 
 Runs the real loop (`msd.main`) on a random-weight teacher of the preset and a small random paired
 set (no download: LPIPS uses a random VGG of the real architecture, same cost as the pretrained
@@ -119,6 +120,7 @@ def main(argv=None):
     p.add_argument("--arch", default="", help="overrides of the teacher's preset, e.g. model_channels=32,img_resolution=8")
     p.add_argument("--student-arch", default="", help="a smaller student (G and fake score): overrides of the preset")
     p.add_argument("--reg-loss", default="lpips", choices=["lpips", "mse"], help="regression loss (Eq. 9): LPIPS-VGG or MSE")
+    p.add_argument("--loss", default="dm", choices=["dm", "sid"], help="G's loss: DM's Eq. 6 or SiD's (msd.py --loss)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--steps", type=int, default=5, help="warm-up steps, then the same number measured")
     p.add_argument("--parts", action="store_true", help="also time each part of the step alone")
@@ -149,14 +151,14 @@ def main(argv=None):
                              "--batch", str(args.batch), "--precision", args.precision, "--device", args.device,
                              "--lpips-random", "--lpips-size", str(args.lpips_size), "--iters", str(2 * args.steps),
                              "--log-every", str(args.steps), "--grad-probe-every", "0", "--sample-every", "1000000",
-                             "--ckpt-every", "1000000", "--reg-loss", args.reg_loss, *init,
+                             "--ckpt-every", "1000000", "--reg-loss", args.reg_loss, "--loss", args.loss, *init,
                              *(["--compile"] if args.compile else []),
                              *(["--channels-last"] if args.channels_last else []), *extra])["log"]
         log = step("out", "--num-students", "1")
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
         nets = args.preset + (f" {args.arch}" if args.arch else "") + (f", student {args.student_arch}" if args.student_arch else "")
         reg = f"LPIPS at {args.lpips_size} px" if args.reg_loss == "lpips" else "MSE regression"
-        print(f"\nDM step, {nets}, batch {args.batch}, {args.precision}{', compiled' if args.compile else ''}, {reg}, "
+        print(f"\n{'SiD' if args.loss == 'sid' else 'DM'} step, {nets}, batch {args.batch}, {args.precision}{', compiled' if args.compile else ''}, {reg}, "
               f"{name}, torch {torch.__version__}: {log['ms_per_iter']} ms/iter, {log['img_per_s']} img/s"
               + (f", peak {log['peak_gib']} GiB" if "peak_gib" in log else ""))
         if args.parts:

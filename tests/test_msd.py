@@ -369,7 +369,7 @@ def test_resume_refuses_another_stage_or_partition(files, tmp_path):
 
 def test_loss_weights_are_the_documented_lambdas():
     cfg = msd.Config(lambda_reg=0.25, lambda_gan_g=3e-3, lambda_gan_d=1e-2)
-    assert msd.loss_weights(cfg) == {"dm": 1.0, "reg": 0.25, "gan_g": 3e-3, "fake": 1.0, "gan_d": 1e-2, "tsm": 1.0}
+    assert msd.loss_weights(cfg) == {"dm": 1.0, "sid": 1.0, "reg": 0.25, "gan_g": 3e-3, "fake": 1.0, "gan_d": 1e-2, "tsm": 1.0}
     terms = {"dm": torch.tensor(2.0), "reg": torch.tensor(4.0), "gan_g": torch.tensor(100.0)}
     assert msd.weighted(cfg, terms).item() == pytest.approx(2.0 + 0.25 * 4.0 + 3e-3 * 100.0)
     assert msd.weighted(cfg, {"fake": torch.tensor(3.0), "gan_d": torch.tensor(50.0)}).item() == pytest.approx(3.5)

@@ -1,9 +1,16 @@
-"""sid.py: SiD's generator loss by hand, alpha's effect, and its gradient against DM's (Eq. 6)."""
+"""sid.py: SiD's generator loss by hand, alpha's effect, its gradient against DM's (Eq. 6); --loss sid in msd.py."""
+import types
+
+import numpy as np
 import pytest
 import torch
 
 import dmd
+import edm_unet
+import msd
 import sid
+from test_adm_tsm import data  # noqa: F401  (30 real images beside the teacher)
+from test_msd import args, files  # noqa: F401  (the tiny teacher and pairs)
 
 
 def linear(a):
@@ -64,3 +71,47 @@ def test_generator_noise_levels_stop_near_24():
     s = sid.sample_sigma(100_000, generator=torch.Generator().manual_seed(0))
     assert s.min() >= 0.002 and s.max() <= 24.45 and s.max() > 24.2  # t <= 0.8 on the Karras curve, never 80
     assert sid.sample_sigma(1, t_max=0.0).item() == pytest.approx(0.002)
+
+
+def test_msd_sid_draws_sids_levels_and_freezes_the_fake_score_for_gs_loss(files, tmp_path):  # noqa: F811
+    """--loss sid: G's sigma <= 24.4 (t <= 0.8), mu_fake's log-normal, Adam's beta1 = 0; G's backward goes
+    through mu_fake without leaving a gradient on it; the step trains G on SiD + Eq. 9 and mu_fake on Eq. 8."""
+    cfg = msd.Config(batch=20_000, loss="sid")
+    r = types.SimpleNamespace(cfg=cfg, shape=(1,), device=torch.device("cpu"), parts=[(torch.arange(3), 0, 0)],
+                              sigmas=dmd.karras_sigmas(1000), n_real=0)
+    b = msd.draw_batch(r, step=0, stream=0)
+    assert 0.002 <= b["sigma"].min() and 24.2 < b["sigma"].max() <= 24.45
+    ln = b["sigma_fake"].log()
+    assert abs(ln.mean() + 1.2) < 0.05 and abs(ln.std() - 1.2) < 0.05  # EDM's P_mean, P_std
+    r = msd.setup(msd.parse_args(args(files, tmp_path / "o", "--loss", "sid", "--iters", "1", "--reg-loss", "mse")))
+    assert r.opt_net.param_groups[0]["betas"] == (0.0, 0.999) == r.opt_critic.param_groups[0]["betas"]
+    b = msd.draw_batch(r, 0, 0)
+    terms, xs, ok = msd.update_generator(r, b)
+    assert set(terms) == {"sid", "reg", "gnorm_net"} and ok and np.isfinite(terms["sid"].item())
+    assert all(p.grad is None for p in r.fake.parameters()) and all(p.requires_grad for p in r.fake.parameters())
+    before = [p.detach().clone() for p in r.fake.parameters()]
+    f_terms, ok = msd.update_fake_score(r, b, xs, 0)
+    assert ok and any(not torch.equal(p, q) for p, q in zip(r.fake.parameters(), before))
+
+
+def test_msd_sid_all_students_equal_separate_runs_and_every_stage_runs(files, data, tmp_path):  # noqa: F811
+    common = ("--iters", "2", "--loss", "sid", "--reg-pairs", "own", "--reg-loss", "mse")  # 2: at step 1 mu_fake = mu_real
+    for k in range(2):
+        msd.main(args(files, tmp_path / f"sep{k}", "--partition", str(k), *common))
+    r = msd.main(args(files, tmp_path / "all", "--all-students", *common))
+    start = edm_unet.load_model(files / "teacher.pt")[0].state_dict()
+    for k in range(2):  # the stack's backward through K fake scores (vmap) is each run's backward
+        sep = edm_unet.load_model(tmp_path / f"sep{k}" / "student.pt")[0].state_dict()
+        one = edm_unet.load_model(tmp_path / "all" / f"p{k}" / "student.pt")[0].state_dict()
+        d_sep = torch.cat([(v - start[n]).flatten() for n, v in sep.items()])
+        d_one = torch.cat([(v - start[n]).flatten() for n, v in one.items()])
+        assert d_sep.norm() > 0 and ((d_sep - d_one).norm() / d_sep.norm()).item() < 1e-3
+    assert np.isfinite([r["log"][t] for t in ("sid", "reg", "fake")]).all() and "dm" not in r["log"]
+    shared = msd.main(args(files, tmp_path / "shared", "--all-students", "--shared-fake", *common))
+    gan = msd.main(args(files, tmp_path / "adm", "--stage", "adm", "--lambda-reg", "0", "--data", data,
+                        "--iters", "1", "--loss", "sid", "--reg-loss", "mse"))
+    for out in (shared, gan):
+        assert out["log"]["skipped"] == 0 and np.isfinite(out["log"]["sid"])
+    assert "gan_g" in gan["log"]
+    with pytest.raises(ValueError, match="--loss sid with --stage tsm"):
+        msd.main(args(files, tmp_path / "t", "--stage", "tsm", "--loss", "sid", "--preset", "tiny", "--data", data))
