@@ -45,6 +45,7 @@ import concurrent.futures as cf
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import sys
 import time
@@ -142,11 +143,14 @@ def main(argv=None):
     p.add_argument("--stacked", action="store_true",
                    help="train each K > 1 cell's K students as one stacked run (msd.py --all-students): the same runs "
                         "up to float rounding; results in <name>_stacked")
+    p.add_argument("--loss", choices=("dm", "sid"), default="dm",
+                   help="the students' loss (msd.py --loss): dm, or sid (SiD in DM's place; its own K = 1 curve and budget, "
+                        "the same TSM starts); results in <name>_sid")
     p.add_argument("--shared-fake", action="store_true",
                    help="--stacked with one fake score per cell (msd.py --shared-fake), from the size's K = 1 TSM "
                         "student; results in <name>_shared")
     args = p.parse_args(argv)
-    hp = dict(QUICK if args.quick else FULL, pairs=("all", "own"),
+    hp = dict(QUICK if args.quick else FULL, pairs=("all", "own"), loss=args.loss,
               mode="shared" if args.shared_fake else "stacked" if args.stacked else "separate")
     if args.curve_iters is not None:
         if args.curve_iters < hp["every"] or args.curve_iters % hp["every"]:
@@ -203,7 +207,7 @@ def main(argv=None):
     def dm_args(size, K, k, seed, reg, out, init):
         a = ["--teacher", teacher, "--pairs", pairs, "--partition", str(k), "--num-students", str(K), "--batch", str(hp["batch"]),
              "--lr", str(hp["lr"]), "--reg-loss", "mse", "--lambda-reg", str(hp["lambda_reg"]), "--reg-pairs", reg,
-             "--ema-halflife-kimg", str(hp["ema"]), "--seed", str(seed), "--out", out, *COMMON]
+             "--ema-halflife-kimg", str(hp["ema"]), "--seed", str(seed), "--out", out, "--loss", hp["loss"], *COMMON]
         return a + (["--init", init] if init else [])
 
     # Stage 0 for the smaller sizes: TSM on each partition (seed 0), in parallel
@@ -227,7 +231,7 @@ def main(argv=None):
     tsm_cost = {k: round(v) if v == v else v for k, v in tsm_cost.items()}  # nan: a reused run without a record
 
     # the budget: K = 1, seed 0, FD to data every `every` steps
-    curve_dirs = {size: curve_dir(args.out, size) for size in hp["sizes"]}
+    curve_dirs = {size: curve_dir(args.out, size, hp["loss"]) for size in hp["sizes"]}
     pool([(curve_job, (dm_args(size, 1, 0, 0, "all", curve_dirs[size], init[size, 1, 0]), hp["every"], hp["curve_iters"]))
           for size in hp["sizes"]], hp["workers"])
     steps, curves, budget = list(range(hp["every"], hp["curve_iters"] + 1, hp["every"])), {}, {}
@@ -250,7 +254,7 @@ def main(argv=None):
         for _, reg, seed, K in cells:
             reg_k = run_reg(reg, K)
             for k in range(K):
-                where[size, reg, seed, K, k] = student_ckpt(args.out, size, reg, seed, K, budget[size], k, hp["mode"])
+                where[size, reg, seed, K, k] = student_ckpt(args.out, size, reg, seed, K, budget[size], k, hp["mode"], hp["loss"])
             if K > 1 and hp["mode"] != "separate":  # one stacked run writes the K students' folders p0 .. p{K-1}
                 out = os.path.dirname(os.path.dirname(where[size, reg, seed, K, 0]))
                 if out in queued:
@@ -317,7 +321,8 @@ def results_name(hp):
     pairs = [reg for reg in hp["pairs"] if reg == "all" or set(hp["sizes"]) & set(hp["own_sizes"])]
     join = lambda v: "-".join(map(str, v))
     mode = "" if hp.get("mode", "separate") == "separate" else f"_{hp['mode']}"
-    return f"curve{hp['curve_iters']}_sizes{join(hp['sizes'])}_ks{join(ks)}_pairs{join(pairs)}{mode}"
+    loss = "" if hp.get("loss", "dm") == "dm" else f"_{hp['loss']}"
+    return f"curve{hp['curve_iters']}_sizes{join(hp['sizes'])}_ks{join(ks)}_pairs{join(pairs)}{mode}{loss}"
 
 
 def run_reg(reg, K):
@@ -330,9 +335,9 @@ def tsm_dir(root, size, K, k):
     return os.path.join(root, f"c{size}", "tsm", f"K{K}p{k}")
 
 
-def curve_dir(root, size):
-    """Folder of one size's K = 1 curve run (seed 0)."""
-    return os.path.join(root, f"c{size}", "curve")
+def curve_dir(root, size, loss="dm"):
+    """Folder of one size's K = 1 curve run (seed 0); curve_sid for --loss sid."""
+    return os.path.join(root, f"c{size}", "curve" if loss == "dm" else f"curve_{loss}")
 
 
 def curve_ckpt(curve, steps):
@@ -340,12 +345,13 @@ def curve_ckpt(curve, steps):
     return os.path.join(curve, f"student_{steps:06d}.pt")
 
 
-def student_ckpt(root, size, reg, seed, K, steps, k, mode="separate"):
+def student_ckpt(root, size, reg, seed, K, steps, k, mode="separate", loss="dm"):
     """Checkpoint of student k of a grid cell; seed 0's single student is the K = 1 curve's run, stopped at `steps`.
-    A K > 1 cell of --stacked or --shared-fake lives beside the separate runs' (reg_stacked, reg_shared)."""
+    A K > 1 cell of --stacked or --shared-fake lives beside the separate runs' (reg_stacked, reg_shared); --loss
+    sid's cells beside DM's (reg_sid, reg_stacked_sid)."""
     if K == 1 and seed == 0:
-        return curve_ckpt(curve_dir(root, size), steps)
-    reg = run_reg(reg, K) + ("" if K == 1 or mode == "separate" else f"_{mode}")
+        return curve_ckpt(curve_dir(root, size, loss), steps)
+    reg = run_reg(reg, K) + ("" if K == 1 or mode == "separate" else f"_{mode}") + ("" if loss == "dm" else f"_{loss}")
     return os.path.join(root, f"c{size}", reg, f"seed{seed}", f"K{K}", f"s{steps}", f"p{k}", "student.pt")
 
 
@@ -364,8 +370,54 @@ def pick_budget(steps, fd, tol=0.05):
 
 def decide(a, b):
     """The rule fixed beforehand: b beats a where mean(a) - mean(b) > 2 * pooled std."""
-    pooled = np.sqrt((np.var(a, ddof=1) + np.var(b, ddof=1)) / 2) if min(len(a), len(b)) > 1 else float("nan")
-    return np.mean(a) - np.mean(b), pooled, bool(np.mean(a) - np.mean(b) > 2 * pooled)
+    return decide_stats(stat(a), stat(b))
+
+
+def stat(values):
+    """-> (mean, std with ddof 1 (0 for one value), n)."""
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0, len(values)
+
+
+def decide_stats(a, b):
+    """decide() on two cells given as (mean, std, n): -> (mean(a) - mean(b), pooled std, b beats a)."""
+    pooled = float(np.sqrt((a[1] ** 2 + b[1] ** 2) / 2)) if min(a[2], b[2]) > 1 else float("nan")
+    return a[0] - b[0], pooled, bool(a[0] - b[0] > 2 * pooled)
+
+
+def summarize(folder):
+    """A results folder as cell statistics: dict(teacher, budget, samples, seeds, cells), cells
+    {(size, reg, K): {metric: (mean, std, n)}} for fd_data, fd_teacher, fd_blocks (a run's mean over
+    the blocks), class_std and class_std_low (a run's mean and lowest class), wall (CPU s, timed runs).
+    From results.json (the seeds' rows), else from table.md: the cells of runs older than
+    results.json, with the table's 2-decimal means and stds."""
+    path = os.path.join(folder, "results.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            r = json.load(f)
+        cells = {}
+        for key in sorted({(x["size"], x["reg"], x["K"]) for x in r["rows"]}):
+            c = [x for x in r["rows"] if (x["size"], x["reg"], x["K"]) == key]
+            walls = [x["wall"] for x in c if x["wall"] is not None]
+            cells[key] = dict(fd_data=stat([x["fd_data"] for x in c]), fd_teacher=stat([x["fd_teacher"] for x in c]),
+                              fd_blocks=stat([np.mean(x["fd_blocks"]) for x in c]),
+                              class_std=stat([np.mean(x["class_std"]) for x in c]),
+                              class_std_low=stat([min(x["class_std"]) for x in c]),
+                              wall=stat(walls) if walls else (float("nan"), 0.0, 0))
+        return dict(teacher=r["teacher"]["fd_data"], budget={str(k): v for k, v in r["budget"].items()},
+                    samples=r["hp"]["samples"], seeds=sorted({x["seed"] for x in r["rows"]}), cells=cells)
+    text = open(os.path.join(folder, "table.md")).read()
+    seeds = json.loads(re.search(r"over seeds (\[[\d, ]+\])", text).group(1))
+    pm = lambda v: (float(v.split(" ± ")[0]), float(v.split(" ± ")[1]), len(seeds))  # noqa: E731
+    cells = {}
+    for row in re.findall(r"^\| (\d+) ch \(\d+k\) \| (\w+) \| (\d+) \| (.*)$", text, re.M):
+        v = [c.strip() for c in row[3].split("|")]  # FD data, FD teacher, acc, per-partition, steps, std, images, CPU s
+        mean, low = (float(u) for u in v[5].split(" / "))
+        cells[int(row[0]), row[1], int(row[2])] = dict(
+            fd_data=pm(v[0]), fd_teacher=pm(v[1]), fd_blocks=pm(v[3]), class_std=(mean, 0.0, len(seeds)),
+            class_std_low=(low, 0.0, len(seeds)), wall=(float(v[7]), 0.0, len(seeds) - (row[2] == "1")))  # K = 1: seed 0 untimed
+    budget = {k: int(n) for k, n in re.findall(r"(\d+): (\d+)", re.search(r"Budgets[^{]*(\{[^}]*\})", text).group(1))}
+    return dict(teacher=float(re.search(r"Teacher: FD to data ([\d.]+)", text).group(1)), budget=budget,
+                samples=int(re.search(r"; (\d+) routed samples", text).group(1)), seeds=seeds, cells=cells)
 
 
 def report(r):
@@ -428,14 +480,15 @@ def figure(r, path, out, scratch):
     for s in hp["sizes"]:
         ax[1].plot(r["steps"], r["curves"][str(s)] if str(s) in r["curves"] else r["curves"][s], "o-", label=f"{s} ch")
         ax[1].axvline(r["budget"][s], ls=":", lw=1)
-    ax[1].set_xlabel("DM steps (K = 1, seed 0)"), ax[1].set_ylabel("FD to held-out digits"), ax[1].legend(fontsize=7)
+    ax[1].set_xlabel(f"{'SiD' if hp.get('loss') == 'sid' else 'DM'} steps (K = 1, seed 0)"), ax[1].set_ylabel("FD to held-out digits"), ax[1].legend(fontsize=7)
     grid, done, names = [], sorted({x["size"] for x in rows}), []
     for s in done:
         row = []
         reg = "all" if any(x["reg"] == "all" and x["size"] == s for x in rows) else "own"
         names += [f"{s} ch K={K}" + (" own" if reg == "own" and K > 1 else "") for K in ks_at(hp, s)]
         for K in ks_at(hp, s):
-            ckpts = [student_ckpt(out, s, reg, 0, K, r["budget"][s], k, hp.get("mode", "separate")) for k in range(K)]
+            ckpts = [student_ckpt(out, s, reg, 0, K, r["budget"][s], k, hp.get("mode", "separate"), hp.get("loss", "dm"))
+                     for k in range(K)]
             x, y = route(ckpts, "300000-300499", scratch)
             row.append(torch.cat([torch.cat(list(x[y == c][:3, 0]), 1) for c in range(10)], 1))  # (8, 3 * 8 * 10)
         grid.append(torch.cat(row, 0))

@@ -30,23 +30,25 @@ BEGIN, END = "<!-- quality table: written by bench/stack_quality.py -->", "<!-- 
 
 
 def load(*folders):
-    """results.json of one study, or of several calls of it (their rows joined; they must share teacher and budget)."""
-    studies = []
-    for folder in folders:
-        with open(os.path.join(folder, "results.json")) as f:
-            studies.append(json.load(f))
+    """One study's cell statistics (capacity.summarize), from one results folder or several calls of it
+    (their cells joined; they must share teacher and budget; a cell in two folders: the first's)."""
+    studies = [capacity.summarize(folder) for folder in folders]
     for other in studies[1:]:
         same(studies[0], other)
-    return dict(studies[0], rows=[x for s in studies for x in s["rows"]])
+    cells = {}
+    for s in studies:
+        for key, c in s["cells"].items():
+            cells.setdefault(key, c)
+    return dict(studies[0], cells=cells)
 
 
 def same(a, b):
     """Raises unless two studies distil the same teacher with the same budget."""
     if a["budget"] != b["budget"]:
         raise ValueError(f"the two studies differ in their budgets: {a['budget']} against {b['budget']}")
-    if not np.isclose(a["teacher"]["fd_data"], b["teacher"]["fd_data"], rtol=1e-6):
-        raise ValueError(f"the two studies distil different teachers: FD to data {a['teacher']['fd_data']:.4f} "
-                         f"against {b['teacher']['fd_data']:.4f}")
+    if not np.isclose(a["teacher"], b["teacher"], rtol=1e-6):
+        raise ValueError(f"the two studies distil different teachers: FD to data {a['teacher']:.4f} "
+                         f"against {b['teacher']:.4f}")
 
 
 def compare(sep, shr):
@@ -54,19 +56,17 @@ def compare(sep, shr):
     cell without its separate cell gets a row and no verdict. Raises unless both studies distil the same
     teacher with the same budget."""
     same(sep, shr)
-    ms = lambda v, f: f"{np.mean(v):{f}} ± {np.std(v, ddof=1) if len(v) > 1 else 0:{f}}"  # noqa: E731
+    ms = lambda v, f: f"{v[0]:{f}} ± {v[1]:{f}}"  # noqa: E731
     lines = ["| size | pairs | K | fake scores | FD to data | FD to teacher | per-partition FD | within-class std "
              "(mean / lowest) | CPU s per run | against K single runs | shared differs? (shared - separate / 2 x pooled std) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    single = [x["wall"] for r in (sep, shr) for x in r["rows"] if x["K"] == 1 and x["wall"] is not None]
+    single = [c["wall"][0] for r in (sep, shr) for (_, _, K), c in r["cells"].items() if K == 1 and c["wall"][2]]
     single = np.mean(single) if single else float("nan")  # CPU s of one single-student run (the K = 1 cells)
     verdicts = {}
-    cells = sorted({(x["size"], x["reg"], x["K"]) for x in shr["rows"] if x["K"] > 1})
-    for size, reg, K in cells:
-        pick = lambda r: [x for x in r["rows"] if (x["size"], x["reg"], x["K"]) == (size, reg, K)]  # noqa: E731
-        a, b = pick(sep), pick(shr)
+    for size, reg, K in sorted(key for key in shr["cells"] if key[2] > 1):
+        a, b = sep["cells"].get((size, reg, K)), shr["cells"][size, reg, K]
         if a:
-            gap, pooled, _ = capacity.decide([x["fd_data"] for x in b], [x["fd_data"] for x in a])  # shared - separate
+            gap, pooled, _ = capacity.decide_stats(b["fd_data"], a["fd_data"])  # shared - separate
             verdicts[reg, K] = (gap, 2 * pooled, bool(abs(gap) > 2 * pooled))
         for name, c in (("K separate", a), ("one shared", b)):
             verdict = "" if a else "not compared: the separate cell was not run"
@@ -75,17 +75,14 @@ def compare(sep, shr):
             if name == "one shared" and a:
                 word = ("yes, worse" if gap > 0 else "yes, better") if verdicts[reg, K][2] else "no"
                 verdict = f"{word} ({gap:+.2f} / {2 * pooled:.2f})"
-            walls = [x["wall"] for x in c if x["wall"] is not None]
-            lines.append(f"| {size} ch | {reg} | {K} | {name} | {ms([x['fd_data'] for x in c], '.2f')} | "
-                         f"{ms([x['fd_teacher'] for x in c], '.2f')} | {ms([np.mean(x['fd_blocks']) for x in c], '.2f')} | "
-                         f"{np.mean([np.mean(x['class_std']) for x in c]):.1f} / "
-                         f"{np.mean([min(x['class_std']) for x in c]):.1f} | "
-                         f"{np.mean(walls) if walls else float('nan'):.0f} | "
-                         f"{K * single / np.mean(walls) if walls else float('nan'):.2f}x | {verdict} |")
-    base = list({x["seed"]: x["fd_data"] for x in sep["rows"] if x["K"] == 1}.values())  # both filters' K = 1: one run
-    lines += ["", f"mean ± std (ddof 1) over seeds {sorted({x['seed'] for x in shr['rows']})}, "
-              f"{shr['hp']['samples']} routed samples per run, {shr['budget']} steps per student. Teacher: FD to data "
-              f"{shr['teacher']['fd_data']:.2f}; K = 1 (the same runs in both studies): FD to data {ms(base, '.2f')}. "
+            wall = c["wall"][0] if c["wall"][2] else float("nan")
+            lines.append(f"| {size} ch | {reg} | {K} | {name} | {ms(c['fd_data'], '.2f')} | {ms(c['fd_teacher'], '.2f')} | "
+                         f"{ms(c['fd_blocks'], '.2f')} | {c['class_std'][0]:.1f} / {c['class_std_low'][0]:.1f} | "
+                         f"{wall:.0f} | {K * single / wall:.2f}x | {verdict} |")
+    base = next(c["fd_data"] for (_, _, K), c in sorted(sep["cells"].items()) if K == 1)  # both filters' K = 1: one run
+    lines += ["", f"mean ± std (ddof 1) over seeds {shr['seeds']}, {shr['samples']} routed samples per run, "
+              f"{shr['budget']} steps per student. Teacher: FD to data "
+              f"{shr['teacher']:.2f}; K = 1 (the same runs in both studies): FD to data {ms(base, '.2f')}. "
               "CPU s per run: one stacked msd.py run of all K students (DM stage, one thread); against K single runs: "
               f"K x {single:.0f} s (the mean CPU s of the timed K = 1 runs, one student each) over it.", ""]
     return "\n".join(lines), verdicts

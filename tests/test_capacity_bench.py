@@ -107,6 +107,27 @@ def test_capacity_quick_pipeline(tmp_path, capsys):
         assert cfg["fake_init"].endswith(os.path.join("tsm", "K1p0", "student.pt") if mode == "shared" else "")
         if mode == "stacked":
             assert np.isclose(r6["rows"][1]["fd_data"], r4["rows"][1]["fd_data"], rtol=1e-3)
+    # --loss sid: SiD's own K = 1 curve and cells, beside DM's, from the same TSM starts
+    r7 = cap.main(["--quick", "--sizes", "8", "--ks", "1", "5", "--pairs", "own", "--curve-iters", "6", "--stacked",
+                   "--loss", "sid", "--out", str(tmp_path / "cap"), "--digits", str(tmp_path / "digits")])
+    assert cap.results_name(r7["hp"]).endswith("pairsown_stacked_sid") and [x["K"] for x in r7["rows"]] == [1, 5]
+    assert os.path.exists(tmp_path / "cap" / "c8" / "curve_sid" / "student_000006.pt")
+    found = glob.glob(str(tmp_path / "cap" / "c8" / "own_stacked_sid" / "seed0" / "K5" / "s*" / "resume-*.pt"))
+    cfg = torch.load(found[0], weights_only=True)["config"]
+    assert cfg["loss"] == "sid" and cfg["beta1"] == 0.0 and cfg["init"].endswith(os.path.join("K5p{k}", "student.pt"))
+    assert r7["rows"][0]["fd_data"] != r4["rows"][0]["fd_data"]  # another run than DM's (the same seed would give the same)
+    # a folder's cells read back from its table (runs older than results.json) as from its rows, to the table's digits
+    os.makedirs(tmp_path / "fold")
+    (tmp_path / "fold" / "table.md").write_text(cap.report(r7))
+    from_table = cap.summarize(str(tmp_path / "fold"))
+    (tmp_path / "fold" / "results.json").write_text(json.dumps(r7, default=float))
+    from_rows = cap.summarize(str(tmp_path / "fold"))
+    assert from_table["cells"].keys() == from_rows["cells"].keys() == {(8, "own", 1), (8, "own", 5)}
+    for k in ("teacher", "budget", "samples", "seeds"):
+        assert np.allclose(from_table[k], from_rows[k], atol=0.005) if k == "teacher" else from_table[k] == from_rows[k], k
+    for key, c in from_rows["cells"].items():
+        for m in ("fd_data", "fd_teacher", "fd_blocks", "class_std", "class_std_low"):
+            assert np.allclose(from_table["cells"][key][m][::2], c[m][::2], atol=0.05), (key, m)
     for bad in (["--curve-iters", "5"], ["--sizes", "12"], ["--sizes", "8", "8"], ["--ks", "2", "5"], ["--ks", "3"],
                 ["--ks", "10"], ["--ks", "1", "10", "10"], ["--pairs", "own", "--sizes", "32"],
                 ["--pairs", "own", "own"], ["--sizes", "32", "--ks", "1", "10"]):  # 5: not a multiple of 2; K = 1 is the baseline
