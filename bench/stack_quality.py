@@ -6,6 +6,15 @@ bench/capacity.py results folders of the same teacher (the separate cells, the s
     python bench/capacity.py --sizes 8 --ks 1 5 10 --shared-fake   # one fake score per cell
     python bench/stack_quality.py --results bench/results/stack/quality --reports docs/stack.md
 
+Those shared cells drew B distinct Eq. 8 (t, noise) per step; the shared fake score now draws K x B. The
+re-run of its own-pairs cells, against the separate single runs of the capacity study's teacher (the
+teacher that machine rebuilt here; their tables are read where the runs predate results.json):
+
+    python bench/capacity.py --sizes 8 --ks 1 5 10 --pairs own --shared-fake
+    python bench/stack_quality.py --table draws --results bench/results/stack/draws --reports docs/stack.md \
+        --shared bench/results/capacity/curve1800_sizes8_ks1-5-10_pairsown_shared --separate \
+        bench/results/capacity/curve1800_sizes8_ks1-2-5_pairsall-own bench/results/capacity/curve1800_sizes8_ks1-10_pairsown
+
 The rule was fixed before the runs (docs/stack.md): in a cell (filter, K), "shared differs from
 separate" where the gap of the mean FDs to data exceeds twice the pooled std of the two cells
 (n = 3 seeds each); the sign says which is better. The table goes between the markers of
@@ -27,6 +36,8 @@ RESULTS = os.path.join(HERE, "results", "capacity")
 SEPARATE = [os.path.join(RESULTS, f"curve1800_sizes8_ks1-5-10_pairs{reg}_stacked") for reg in ("own", "all")]
 SHARED = os.path.join(RESULTS, "curve1800_sizes8_ks1-5-10_pairsall-own_shared")
 BEGIN, END = "<!-- quality table: written by bench/stack_quality.py -->", "<!-- end of the quality table -->"
+TABLES = {"quality": (BEGIN, END),  # the shared fake score's first draws (B distinct per step), on the Xeon's teacher
+          "draws": ("<!-- draws table: written by bench/stack_quality.py -->", "<!-- end of the draws table -->")}
 
 
 def load(*folders):
@@ -51,10 +62,10 @@ def same(a, b):
                          f"against {b['teacher']:.4f}")
 
 
-def compare(sep, shr):
+def compare(sep, shr, stacked=True):
     """-> (markdown table, verdicts {(reg, K): (gap shared - separate, 2 x pooled std, differs)}); a shared
     cell without its separate cell gets a row and no verdict. Raises unless both studies distil the same
-    teacher with the same budget."""
+    teacher with the same budget. stacked: the separate cells ran as stacked runs (else as K single runs)."""
     same(sep, shr)
     ms = lambda v, f: f"{v[0]:{f}} ± {v[1]:{f}}"  # noqa: E731
     lines = ["| size | pairs | K | fake scores | FD to data | FD to teacher | per-partition FD | within-class std "
@@ -83,7 +94,9 @@ def compare(sep, shr):
     lines += ["", f"mean ± std (ddof 1) over seeds {shr['seeds']}, {shr['samples']} routed samples per run, "
               f"{shr['budget']} steps per student. Teacher: FD to data "
               f"{shr['teacher']:.2f}; K = 1 (the same runs in both studies): FD to data {ms(base, '.2f')}. "
-              "CPU s per run: one stacked msd.py run of all K students (DM stage, one thread); against K single runs: "
+              "CPU s per run: " + ("one stacked msd.py run of all K students" if stacked else "one stacked msd.py run of all "
+                                   "K students (shared), the sum of K single runs (separate)") + " (DM stage, one thread); "
+              "against K single runs: "
               f"K x {single:.0f} s (the mean CPU s of the timed K = 1 runs, one student each) over it.", ""]
     return "\n".join(lines), verdicts
 
@@ -93,12 +106,14 @@ def main(argv=None):
     p.add_argument("--separate", nargs="+", default=SEPARATE, help="results folders of the K-fake-score cells")
     p.add_argument("--shared", default=SHARED, help="results folder of the shared-fake-score cells")
     p.add_argument("--results", default="", help="also write table.md and run.json into this folder")
-    p.add_argument("--reports", nargs="*", default=[], help="files whose quality table is rewritten between its markers")
+    p.add_argument("--reports", nargs="*", default=[], help="files whose table is rewritten between its markers")
+    p.add_argument("--table", choices=tuple(TABLES), default="quality",
+                   help="which table of the reports: quality (the first shared draws), draws (K x B distinct draws)")
     args = p.parse_args(argv)
     for folder in (*args.separate, args.shared):
-        if not os.path.exists(os.path.join(folder, "results.json")):
-            p.error(f"{folder!r} holds no results.json (run bench/capacity.py first: see --help)")
-    table, verdicts = compare(load(*args.separate), load(args.shared))
+        if not any(os.path.exists(os.path.join(folder, f)) for f in ("results.json", "table.md")):
+            p.error(f"{folder!r} holds no results (run bench/capacity.py first: see --help)")
+    table, verdicts = compare(load(*args.separate), load(args.shared), all(f.endswith("_stacked") for f in args.separate))
     print(table)
     if args.results:
         import digits  # noqa: E402  (the benches' run.json writer)
@@ -107,8 +122,8 @@ def main(argv=None):
             f.write(table)
         digits.save_run(args.results, "bench/stack_quality.py", argv if argv is not None else sys.argv[1:], 0)
     for path in args.reports:
-        capacity_ladder.write_between_markers(path, table, BEGIN, END)
-        print(f"wrote the quality table into {path}")
+        capacity_ladder.write_between_markers(path, table, *TABLES[args.table])
+        print(f"wrote the {args.table} table into {path}")
     return verdicts
 
 

@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -230,6 +231,15 @@ def test_shared_against_separate_applies_the_rule_per_cell(tmp_path, capsys):
     assert "| yes, better (-6.00 / 2.00) |" in text
     assert "| 10 | 5.00x |" in text and "| 10 | 10.00x |" in text  # K runs of 10 s each against one of 10 s
     assert ("all", 10) not in verdicts and "| not compared: the separate cell was not run |" in text
+    assert "the sum of K single runs (separate)" in text  # separate folders not named _stacked: K single runs
+    draws = tmp_path / "draws.md"
+    draws.write_text(f"{sq.TABLES['draws'][0]}\n{sq.TABLES['draws'][1]}\n")
+    stacked = [str(tmp_path / "sep_own_stacked"), str(tmp_path / "sep_all_stacked")]
+    for old, new in zip(seps, stacked):
+        shutil.copytree(old, new)
+    assert sq.main(["--separate", *stacked, "--shared", str(tmp_path / "shr"), "--table", "draws", "--reports", str(draws)]) == verdicts
+    text = draws.read_text()
+    assert "| yes, worse (+11.00 / 3.16) |" in text and "one stacked msd.py run of all K students (DM stage" in text
     for bad, words in ((dict(shr, teacher=dict(fd_data=44.0)), "different teachers"),
                        (dict(shr, budget={"8": 900}), "budgets")):
         (tmp_path / "shr" / "results.json").write_text(json.dumps(bad))
