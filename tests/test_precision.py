@@ -33,7 +33,7 @@ def tiny(tmp_path_factory):
     return d
 
 
-MODES = {"dm": [], "all-students": ["--all-students"],
+MODES = {"dm": [], "all-students": ["--all-students"], "sid": ["--loss", "sid"],
          "adm": ["--stage", "adm", "--head-width", "32"],
          "tsm": ["--stage", "tsm", "--preset", "tiny", "--arch", ARCH]}
 
@@ -47,7 +47,7 @@ def run(tiny, out, precision, *extra):
     return r, [json.loads(line) for line in open(out / "log.jsonl")]
 
 
-LOSSES = ("dm", "reg", "fake", "gan_g", "gan_d", "tsm")
+LOSSES = ("dm", "sid", "reg", "fake", "gan_g", "gan_d", "tsm")
 
 
 @pytest.mark.parametrize("mode", list(MODES))
