@@ -323,7 +323,7 @@ def train(cfg):
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-    return {"step": r.step, "log": r.log, "partition": r.partition, "skipped": r.skipped, "scalers": r.scalers,
+    return {"step": r.step, "log": r.log, "owned": r.owned, "skipped": r.skipped, "scalers": r.scalers,
             "net": r.net, "ema": r.ema, "fake": r.fake, "head": r.head, "teacher": r.teacher}
 
 
@@ -436,10 +436,9 @@ def setup(cfg):
         raise ValueError(f"--num-students {cfg.num_students} exceeds the {mcfg.label_dim} classes")
     emb = label_embeddings(teacher or net) if cfg.split == "kmeans" else None
     partitions = make_partition(mcfg.label_dim, cfg.num_students, cfg.split, cfg.split_seed, emb)
-    partition = partitions if cfg.all_students else partitions[cfg.partition]
-    owned = partitions if cfg.all_students else [partition]  # the classes of each student this run trains
+    owned = partitions if cfg.all_students else [partitions[cfg.partition]]  # the classes of each student it trains
     shape = (mcfg.img_channels, mcfg.img_resolution, mcfg.img_resolution)
-    pairs, parts, real, lpips_fn = load_data(cfg, owned, partition, mcfg, device)
+    pairs, parts, real, lpips_fn = load_data(cfg, owned, mcfg, device)
     if cfg.channels_last:
         for m in (teacher, net, fake):
             if m is not None:
@@ -452,7 +451,7 @@ def setup(cfg):
         opt_net=adamw(net.parameters()), opt_critic=adamw(critic.parameters()) if critic is not None else None,
         scalers=[torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None for _ in range(2)],
         ema=copy.deepcopy(net).eval().requires_grad_(False) if cfg.ema_halflife_kimg else None,
-        partition=partition, partitions=partitions, owned=owned, shape=shape, sigma_data=mcfg.sigma_data, pairs=pairs,
+        partitions=partitions, owned=owned, shape=shape, sigma_data=mcfg.sigma_data, pairs=pairs,
         real=real, lpips_fn=lpips_fn, parts=parts, sigmas=dmd.karras_sigmas(NUM_LEVELS).to(device),
         n_real=len(real) if real is not None else 0, step=0, skipped=0, bad=0, log=None, terms_acc={},
         t_last=time.time(), n_last=0, lr=cfg.lr,
@@ -472,8 +471,8 @@ def setup(cfg):
     return r
 
 
-def load_data(cfg, owned, partition, mcfg, device):
-    """Paired set (dm: Eq. 9), real images of the partition (adm: F_ADM, tsm), LPIPS. Each student
+def load_data(cfg, owned, mcfg, device):
+    """Paired set (dm: Eq. 9), real images of the owned classes (adm: F_ADM, tsm), LPIPS. Each student
     draws its batch from its own classes and its own pairs (all of them under F_DM: one copy serves
     all). -> (pairs, per student (classes, pairs, offset), real images, LPIPS)."""
     pairs = None
@@ -487,7 +486,7 @@ def load_data(cfg, owned, partition, mcfg, device):
         sizes, offsets = [0] * len(owned), [0] * len(owned)
     parts = [(torch.tensor(part, device=device), n, int(o)) for part, n, o in zip(owned, sizes, offsets)]
     shape = (mcfg.img_channels, mcfg.img_resolution, mcfg.img_resolution)
-    real = sample.ImageFolder(cfg.data, classes=partition, resolution=mcfg.img_resolution,
+    real = sample.ImageFolder(cfg.data, classes=sum(owned, []), resolution=mcfg.img_resolution,
                               channels=mcfg.img_channels, need_labels=True) if cfg.stage in ("adm", "tsm") else None
     if real is not None and real.shape != shape:
         raise ValueError(f"--data {cfg.data}: images {real.shape} do not fit the model {shape}")

@@ -226,7 +226,7 @@ def load_resume(cfg, master=True):
 
 def train_state(r):
     """What a resume file holds besides the config and step: nets, optimisers, scalers, EMA, counters."""
-    return {"partition": r.partition, "partitions": r.partitions, "skipped": r.skipped,
+    return {"owned": r.owned, "partitions": r.partitions, "skipped": r.skipped,
             "net": r.net.state_dict(), "opt_net": r.opt_net.state_dict(),
             "critic": r.critic.state_dict() if r.critic is not None else None,
             "opt_critic": r.opt_critic.state_dict() if r.critic is not None else None,
@@ -242,9 +242,11 @@ def resume(r):
         if r.master:
             print(f"--resume: no resume-*.pt in {cfg.out!r}; starting fresh")
         return
-    if ckpt["partition"] != r.partition or ckpt["config"]["stage"] != cfg.stage:
-        raise ValueError(f"{path} is stage {ckpt['config']['stage']} with partition {ckpt['partition'][:5]}...; "
-                         f"this run is stage {cfg.stage} with {r.partition[:5]}...")
+    owned = ckpt["owned"] if "owned" in ckpt else (  # files written before "owned": one run's flat "partition"
+        ckpt["partition"] if ckpt["config"].get("all_students") else [ckpt["partition"]])
+    if owned != r.owned or ckpt["config"]["stage"] != cfg.stage:
+        raise ValueError(f"{path} is stage {ckpt['config']['stage']} with classes {owned[:5]}...; "
+                         f"this run is stage {cfg.stage} with {r.owned[:5]}...")
     r.net.load_state_dict(ckpt["net"]), r.opt_net.load_state_dict(ckpt["opt_net"])
     if r.critic is not None:
         r.critic.load_state_dict(ckpt["critic"]), r.opt_critic.load_state_dict(ckpt["opt_critic"])
@@ -268,14 +270,14 @@ def write_run_info(r):
                   f"{len(part)} classes: {part if len(part) <= 20 else part[:10] + ['...']}")
         with open(os.path.join(cfg.out, "run.json"), "w") as f:
             json.dump({"stage": cfg.stage, "partition": "all" if cfg.all_students else cfg.partition,
-                       "num_students": cfg.num_students, "classes": r.partition, "batch": cfg.batch}, f)
+                       "num_students": cfg.num_students, "classes": r.owned, "batch": cfg.batch}, f)
 
 
 def per_student(r, net):
     """(folder, classes, single network) of each student the run trains: a stack is unstacked,
     student k into --out/p{k}/, in a single run's format."""
     if not isinstance(net, stack.Stack):
-        return [(r.cfg.out, r.partition, net)]
+        return [(r.cfg.out, r.owned[0], net)]
     folders = [os.path.join(r.cfg.out, f"p{k}") for k in range(net.K)]
     for folder in folders:
         os.makedirs(folder, exist_ok=True)

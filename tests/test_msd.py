@@ -363,8 +363,14 @@ def test_own_pairs_keep_exactly_the_partitions_pairs(files):
 
 def test_resume_refuses_another_stage_or_partition(files, tmp_path):
     msd.main(args(files, tmp_path / "m", "--iters", "1"))
-    with pytest.raises(ValueError, match=r"is stage dm with partition \[0, 1, 2, 3, 4\].*this run is stage dm with \[5, 6, 7, 8, 9\]"):
+    with pytest.raises(ValueError, match=r"is stage dm with classes \[\[0, 1, 2, 3, 4\]\].*this run is stage dm with \[\[5, 6, 7, 8, 9\]\]"):
         msd.main(args(files, tmp_path / "m", "--iters", "2", "--partition", "1", "--resume"))
+    # a file from before "owned" (one run's flat "partition") still resumes its own partition
+    path = glob.glob(str(tmp_path / "m" / "resume-*.pt"))[0]
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["partition"] = ckpt.pop("owned")[0]
+    torch.save(ckpt, path)
+    assert msd.main(args(files, tmp_path / "m", "--iters", "2", "--resume"))["step"] == 2
 
 
 def test_loss_weights_are_the_documented_lambdas():
