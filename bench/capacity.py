@@ -417,7 +417,13 @@ def summarize(folder):
             class_std_low=(low, 0.0, len(seeds)), wall=(float(v[7]), 0.0, len(seeds) - (row[2] == "1")))  # K = 1: seed 0 untimed
     budget = {k: int(n) for k, n in re.findall(r"(\d+): (\d+)", re.search(r"Budgets[^{]*(\{[^}]*\})", text).group(1))}
     return dict(teacher=float(re.search(r"Teacher: FD to data ([\d.]+)", text).group(1)), budget=budget,
-                samples=int(re.search(r"; (\d+) routed samples", text).group(1)), seeds=seeds, cells=cells)
+                samples=int(re.search(r"; (\d+) routed samples", text).group(1)), seeds=seeds, cells=cells, rounded=True)
+
+
+def same_teacher(a, b):
+    """Raises unless two summaries distil the same teacher (to the table's 2 decimals where one is read from one)."""
+    if not np.isclose(a["teacher"], b["teacher"], rtol=1e-6, atol=0.005 if a.get("rounded") or b.get("rounded") else 0):
+        raise ValueError(f"the two studies distil different teachers: FD to data {a['teacher']:.4f} against {b['teacher']:.4f}")
 
 
 def report(r):
