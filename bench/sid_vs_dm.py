@@ -134,7 +134,8 @@ def digits_part(args):
                              f"{differs(other['fd_data'], c['fd_data']) if name == 'SiD' and other else ''} |")
     lines += ["", f"8-channel students (53k parameters) of the capacity study's teacher (FD to data {sid['teacher']:.2f}); "
               f"mean ± std (ddof 1) over seeds {sid['seeds']}, {sid['samples']} routed samples per run. Steps per student: "
-              f"each loss's own K = 1 curve and the 5% rule. DM: [its cells](../{os.path.relpath(args.dm, ROOT)}/table.md); "
+              f"each loss's own K = 1 curve and the 5% rule. DM: [its cells](../{os.path.relpath(args.dm, ROOT)}/table.md)"
+              + (" (runs older than results.json: the rule on its table's 2-decimal means and stds); " if dm.get("rounded") else "; ") +
               f"SiD: [its cells](../{os.path.relpath(args.sid, ROOT)}/table.md). One training step of one student "
               f"(batch 32, MSE regression, one thread, bench/dm_step.py): DM {cost['dm']:.1f} ms, SiD {cost['sid']:.1f} ms "
               f"({cost['sid'] / cost['dm']:.2f}x).", ""]
