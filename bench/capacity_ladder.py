@@ -24,7 +24,7 @@ sys.path.insert(0, HERE)
 import capacity  # noqa: E402  (the study: its student sizes)
 
 TABLES = sorted(t for t in glob.glob(os.path.join(HERE, "results", "capacity", "curve1800_*", "table.md"))
-                if not t.endswith(("_stacked/table.md", "_shared/table.md")))  # the stack's studies: docs/stack.md
+                if not t.endswith(("_stacked/table.md", "_shared/table.md", "_sid/table.md")))  # docs/stack.md, docs/sid.md
 REPORTS = [os.path.join(os.path.dirname(HERE), *p) for p in (("docs", "capacity.md"), ("README.md",))]
 BEGIN, END = "<!-- final table: written by bench/capacity_ladder.py -->", "<!-- end of the final table -->"
 
