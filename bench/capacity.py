@@ -289,11 +289,7 @@ def main(argv=None):
         print(table, flush=True)
         if not args.quick:
             folder = os.path.join(RESULTS, name)
-            os.makedirs(folder, exist_ok=True)
-            with open(os.path.join(folder, "table.md"), "w") as f:
-                f.write(table)
-            with open(os.path.join(folder, "results.json"), "w") as f:
-                json.dump(result, f, indent=1, default=float)
+            digits.save_results(folder, table, result)
             figure(result, os.path.join(folder, "figure.png"), args.out, scratch)
             digits.save_run(folder, "bench/capacity.py", argv if argv is not None else sys.argv[1:], time.time() - t_start)
     print(f"results: {os.path.join(RESULTS, name)}" + (" (not written: --quick)" if args.quick else ""))
@@ -418,6 +414,11 @@ def summarize(folder):
     budget = {k: int(n) for k, n in re.findall(r"(\d+): (\d+)", re.search(r"Budgets[^{]*(\{[^}]*\})", text).group(1))}
     return dict(teacher=float(re.search(r"Teacher: FD to data ([\d.]+)", text).group(1)), budget=budget,
                 samples=int(re.search(r"; (\d+) routed samples", text).group(1)), seeds=seeds, cells=cells, rounded=True)
+
+
+def has_results(folder):
+    """Whether a results folder holds what summarize reads: results.json or, for older runs, table.md."""
+    return any(os.path.exists(os.path.join(folder, f)) for f in ("results.json", "table.md"))
 
 
 def same_teacher(a, b):

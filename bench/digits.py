@@ -116,6 +116,15 @@ def save_run(folder, script, argv, seconds):
     return info
 
 
+def save_results(folder, table, results):
+    """A study's table.md and results.json (the numbers behind the table) into its results folder."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "table.md"), "w") as f:
+        f.write(table)
+    with open(os.path.join(folder, "results.json"), "w") as f:
+        json.dump(results, f, indent=1, default=float)
+
+
 def read(path):
     x, y = next(sample.ImageFolder(path).batches(10 ** 6))
     return x, y

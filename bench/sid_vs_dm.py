@@ -19,7 +19,6 @@ import shutil
 import sys
 import time
 
-import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -27,7 +26,8 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 import capacity  # noqa: E402  (the rule, the digits cells)
 import capacity_ladder  # noqa: E402  (the table between markers)
-import digits  # noqa: E402  (run.json)
+import digits  # noqa: E402  (results.json, run.json)
+import dm_step  # noqa: E402  (one step's cost)
 import toy2d  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results", "sid")
@@ -113,7 +113,6 @@ def digits_part(args):
     capacity.same_teacher(dm, sid)  # budgets may differ: each loss's own curve sets its own
     cost = {}
     for loss in ("dm", "sid"):  # one step of an 8-channel student at the study's batch, one thread
-        import dm_step
         cost[loss] = dm_step.main(["--arch", ARCH.format(32), "--student-arch", ARCH.format(8), "--reg-loss", "mse",
                                    "--batch", "32", "--threads", "1", "--steps", "3" if args.quick else "20",
                                    "--loss", loss])["ms_per_iter"]
@@ -148,11 +147,7 @@ def finish(args, part, table, data, figures=()):
         print("--quick: a smoke test of the pipeline; the numbers above mean nothing at this size.")
         return table, data
     folder = os.path.join(RESULTS, part)
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "table.md"), "w") as f:
-        f.write(table)
-    with open(os.path.join(folder, "results.json"), "w") as f:
-        json.dump(data, f, indent=1, default=str)
+    digits.save_results(folder, table, data)
     for path in figures:
         shutil.copy(path, os.path.join(folder, os.path.basename(path)))
     digits.save_run(folder, "bench/sid_vs_dm.py", sys.argv[1:] if args.argv is None else args.argv, time.time() - args.t0)
@@ -173,7 +168,7 @@ def main(argv=None):
     args.argv, args.t0 = argv, time.time()
     if args.part == "digits":
         for folder in (args.dm, args.sid):
-            if not any(os.path.exists(os.path.join(folder, f)) for f in ("results.json", "table.md")):
+            if not capacity.has_results(folder):
                 p.error(f"{folder!r} holds no results (run bench/capacity.py first: see --help)")
         return digits_part(args)
     return toy(args)

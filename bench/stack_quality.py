@@ -19,7 +19,6 @@ separate" where the gap of the mean FDs to data exceeds twice the pooled std of 
 --reports, so no number in the report is typed by hand.
 """
 import argparse
-import json
 import os
 import sys
 
@@ -114,7 +113,7 @@ def main(argv=None):
     args.separate = args.separate or (SEPARATE if args.table == "quality" else DRAWS_SEPARATE)
     args.shared = args.shared or (SHARED if args.table == "quality" else DRAWS_SHARED)
     for folder in (*args.separate, args.shared):
-        if not any(os.path.exists(os.path.join(folder, f)) for f in ("results.json", "table.md")):
+        if not capacity.has_results(folder):
             p.error(f"{folder!r} holds no results (run bench/capacity.py first: see --help)")
     table, verdicts = compare(load(*args.separate), load(args.shared), all(f.endswith("_stacked") for f in args.separate))
     print(table)
