@@ -18,8 +18,9 @@ written atomically and read with torch.load(weights_only=True). Mixed precision 
 choice (torch.autocast around the call). What EDM keeps in float32 under mixed precision stays
 float32 here too: the preconditioning and c_skip x + c_out F, the noise and label embedding
 (mapping) path, and each block's affine(emb) (cast to the activations' dtype after it). The
-attention softmax runs inside PyTorch's fused scaled_dot_product_attention, whose kernels keep
-the softmax's running max and sum in float32 for half inputs (EDM's AttentionOp: float32 too).
+attention is PyTorch's scaled_dot_product_attention on contiguous q, k, v, so that a fused GPU
+kernel can take it (which one does is bench/gpu_check.py's to measure, not assumed here); its
+kernels keep the softmax in float32 for half inputs (EDM's AttentionOp: float32 too).
 GroupNorm follows autocast: float32 on CUDA, the low-precision dtype on the CPU.
 """
 import argparse
@@ -162,7 +163,9 @@ class UNetBlock(nn.Module):
     def attention(qkv, heads):
         """qkv: (B, 3C, H, W) with channel index (head * C/heads + c) * 3 + {q, k, v} -> (B, C, H, W)."""
         H, W = qkv.shape[-2:]
-        q, k, v = rearrange(qkv, "b (n c three) h w -> three b n (h w) c", n=heads, three=3)
+        # contiguous: rearrange leaves c with stride 3, and the fused kernels (flash, memory-efficient,
+        # cuDNN) take only a last dimension of stride 1; otherwise SDPA falls back to the math path
+        q, k, v = (t.contiguous() for t in rearrange(qkv, "b (n c three) h w -> three b n (h w) c", n=heads, three=3))
         a = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(C/heads); (B, heads, HW, c)
         return rearrange(a, "b n (h w) c -> b (n c) h w", h=H, w=W)
 

@@ -61,6 +61,21 @@ def test_sdpa_attention_equals_naive_softmax():
     torch.testing.assert_close(E.UNetBlock.attention(qkv, 2), naive_attention(qkv, 2), atol=1e-5, rtol=1e-5)
 
 
+def test_attention_hands_sdpa_inputs_a_fused_kernel_accepts(monkeypatch):
+    """Flash, memory-efficient and cuDNN attention need q, k, v with a last dimension of stride 1
+    (else SDPA runs the math path with full L x L matrices): what reaches SDPA, from NCHW and from
+    a channels-last qkv."""
+    seen, sdpa = [], E.F.scaled_dot_product_attention
+    monkeypatch.setattr(E.F, "scaled_dot_product_attention", lambda q, k, v: seen.append((q, k, v)) or sdpa(q, k, v))
+    qkv = torch.randn(2, 3 * 128, 8, 8)
+    for x in (qkv, qkv.to(memory_format=torch.channels_last)):
+        E.UNetBlock.attention(x, 2)
+    assert len(seen) == 2
+    for q, k, v in seen:
+        for t in (q, k, v):
+            assert t.shape == (2, 2, 64, 64) and t.is_contiguous() and t.stride(-1) == 1
+
+
 def test_qkv_channel_layout_per_head_then_channel_then_qkv():
     """With q = k = 0 attention is uniform, so the output is the spatial mean of v; pick v by hand."""
     C, heads = 128, 2
