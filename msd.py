@@ -269,14 +269,15 @@ def update_generator(r, b_gen):
     if r.critic is not None:
         r.critic.requires_grad_(False)  # the GAN's (and SiD's) gradient goes through the critic into G only
     for i, b in runtime.micro_batches(r, b_gen):
-        with runtime.no_sync(r, r.net_train, i), runtime.amp(cfg, r.device):
-            if cfg.stage == "tsm":  # dropout: a function of (seed, step, global micro-batch), not of the rank count
-                torch.manual_seed(runtime.step_seed(cfg.seed, r.step, runtime.DROPOUT_STREAM + r.rank * r.accum + i))
-                x, y = runtime.real_batch(r.real, b["real_idx"], r.device)
-                target = r.teacher_f if cfg.target == "teacher" else None
-                terms = {"tsm": tsm.tsm_loss(r.net_train, target, x, b["sigma"], y, r.sigma_data, b["noise"])}
-            else:
-                terms, x = generator_losses(cfg, r.G, r.teacher_f, r.fake_f, r.critic_f, r.lpips_fn, b, r.pairs, r.students_g)
+        with runtime.no_sync(r, r.net_train, i):
+            with runtime.amp(cfg, r.device):  # the forward under autocast, the backward outside (PyTorch's AMP recipe)
+                if cfg.stage == "tsm":  # dropout: a function of (seed, step, global micro-batch), not of the rank count
+                    torch.manual_seed(runtime.step_seed(cfg.seed, r.step, runtime.DROPOUT_STREAM + r.rank * r.accum + i))
+                    x, y = runtime.real_batch(r.real, b["real_idx"], r.device)
+                    target = r.teacher_f if cfg.target == "teacher" else None
+                    terms = {"tsm": tsm.tsm_loss(r.net_train, target, x, b["sigma"], y, r.sigma_data, b["noise"])}
+                else:
+                    terms, x = generator_losses(cfg, r.G, r.teacher_f, r.fake_f, r.critic_f, r.lpips_fn, b, r.pairs, r.students_g)
             runtime.backward(weighted(cfg, terms) * r.students_g / r.accum, r.scalers[0])
         xs.append(x.detach())
         runtime.add_terms(terms_sum, terms, r.accum)
@@ -302,8 +303,9 @@ def update_fake_score(r, b_gen, xs, step):
                 with torch.no_grad(), runtime.amp(cfg, r.device):
                     xs[i] = r.G(b["z"], b["y"]).detach()
             real = runtime.real_batch(r.real, b["real_idx"], r.device) if cfg.stage == "adm" else None
-            with runtime.no_sync(r, r.critic_train, i), runtime.amp(cfg, r.device):
-                terms = critic_losses(cfg, r.critic_train, xs[i], b, r.sigma_data, real)
+            with runtime.no_sync(r, r.critic_train, i):
+                with runtime.amp(cfg, r.device):
+                    terms = critic_losses(cfg, r.critic_train, xs[i], b, r.sigma_data, real)
                 runtime.backward(weighted(cfg, terms) * r.students_fake / r.accum, r.scalers[1])
             runtime.add_terms(terms_sum, terms, r.accum * n)
         norm, ok_j = runtime.optimizer_step(cfg, r.critic, r.opt_critic, r.scalers[1])

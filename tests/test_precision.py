@@ -156,3 +156,49 @@ def test_edms_float32_layers_and_the_gan_head_stay_float32_under_autocast(dtype)
     assert feats[0].dtype == dtype  # the trunk did run in low precision ...
     assert logits.dtype == torch.float32 and torch.equal(logits, head(feats[0].float()))  # ... the head did not (DMD2)
     assert denoised.dtype == torch.float32
+
+
+def _weight_grad_against_float64(layer, call):
+    """The weight gradient that backward left on `layer` (a float32 nn.Linear) against g^T x in float64,
+    with x the layer's inputs and g the gradients reaching its outputs, over every call of the layer."""
+    xs, gs, got = [], [], []
+    def seen(module, inputs, out):
+        xs.append(inputs[0].detach())
+        out.register_hook(gs.append)
+    h1 = layer.register_forward_hook(seen)
+    h2 = layer.weight.register_hook(lambda g: got.append(g.detach().clone()))
+    try:
+        call()
+    finally:
+        h1.remove(), h2.remove()
+    assert xs and len(gs) == len(xs) and len(got) == 1
+    assert all(x.dtype == torch.float32 for x in xs)  # the layer did run in float32 under autocast
+    want = sum(g.double().T @ x.double() for g, x in zip(gs, xs))
+    return got[0].double(), want
+
+
+@pytest.mark.parametrize("stage", ["dm", "adm"])
+def test_backward_runs_outside_autocast_so_float32_layers_get_float32_weight_gradients(tiny, tmp_path, stage):
+    """PyTorch's AMP recipe: forward under autocast, backward outside it. A backward inside autocast
+    runs the weight-gradient matmuls of EDM's float32 layers (mapping path, each block's affine) and
+    of the GAN head in bf16: about 1e-2 relative error instead of float32's 1e-6."""
+    argv = ["--teacher", str(tiny / "teacher.pt"), "--pairs", str(tiny / "pairs.npz"), "--data", str(tiny / "data"),
+            "--out", str(tmp_path), "--batch", "4", "--device", "cpu", "--num-students", "2", "--precision", "bf16",
+            "--reg-loss", "mse", "--grad-probe-every", "0"]
+    if stage == "adm":
+        argv += ["--stage", "adm", "--head-width", "32", "--fake-steps-per-gen", "1"]
+    r = msd.setup(msd.parse_args(argv))
+    with torch.no_grad():  # G apart from the fake score, so the DM term and all its gradients are not zero
+        for p in r.net.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    b = msd.draw_batch(r, 0, 0)
+    layers = {"G's map_layer1": r.net.model.map_layer1, "G's 8x8_block0.affine": r.net.model.enc["8x8_block0"].affine}
+    for name, layer in layers.items():
+        got, want = _weight_grad_against_float64(layer, lambda: msd.update_generator(r, b))
+        assert want.abs().max() > 0, name
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()), msg=name)
+    if stage == "adm":
+        _, xs, _ = msd.update_generator(r, b)
+        head = [m for m in r.head.modules() if isinstance(m, torch.nn.Linear)][-1]
+        got, want = _weight_grad_against_float64(head, lambda: msd.update_fake_score(r, b, xs, 0))
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()), msg="GAN head")
