@@ -46,14 +46,9 @@ import stack
 
 def setup_dist(cfg):
     """(rank, world, device, per-rank batch, micro-batch) from torchrun's environment; NCCL on GPU, gloo on CPU."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local) if cfg.device.startswith("cuda") else torch.device(cfg.device)
+    rank, world, device = sample.dist_info(cfg.device)
     if device.type == "cuda":
-        torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if cfg.batch % world:
         raise ValueError(f"--batch {cfg.batch} does not split over {world} ranks")
     per_rank = cfg.batch // world

@@ -313,12 +313,17 @@ def class_grid(path, net, classes, shape, seed, device, heun=False, dtype=None, 
 
 # ----------------------------------------------------------------------------- paired set
 
-def dist_info():
-    """(rank, world_size) from torchrun's environment, initialising the process group once."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
+def dist_info(device="cpu"):
+    """(rank, world_size, this rank's device) from torchrun's environment, initialising the process
+    group once. On CUDA each rank takes GPU LOCAL_RANK before its first collective and names it to
+    the process group (else every rank may open a context on GPU 0); NCCL on GPU, gloo on CPU."""
+    rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    dev = torch.device("cuda", local) if str(device).startswith("cuda") else torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return int(os.environ.get("RANK", 0)), world
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
+    return rank, world, dev
 
 
 def file_digest(path):
@@ -501,8 +506,7 @@ def main(argv=None):
     seeds = list(range(args.num)) if args.mode == "pairs" else parse_seeds(args.seeds)
     autocast = AUTOCAST[args.precision]
     sample_kw = dict(num_steps=args.steps, S_churn=args.S_churn, S_min=args.S_min, S_max=args.S_max, S_noise=args.S_noise)
-    rank, world = dist_info()
-    device = torch.device(args.device, rank % max(1, torch.cuda.device_count())) if args.device == "cuda" else torch.device(args.device)
+    rank, world, device = dist_info(args.device)
     if args.mode == "students":
         students, owner = load_students(args.ckpt, device)
         cfg = students[0].denoiser.cfg

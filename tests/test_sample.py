@@ -331,3 +331,19 @@ def test_each_pair_is_the_teacher_image_of_its_seed_and_class_fixes_only_the_lab
     assert labels3.tolist() == [3] * 5 and y3.tolist() == [3] * 5 and torch.equal(z3, z)
     x3 = sample.heun_sampler(D, z3, y3, num_steps=3)
     assert torch.equal(sample.to_uint8(x3), images3)  # the image of seed i drawn as class 3
+
+
+def test_each_torchrun_rank_takes_its_local_gpu_before_the_process_group(monkeypatch):
+    """sample.py and msd.py (runtime.setup_dist) under torchrun on CUDA: rank r sets GPU LOCAL_RANK
+    and hands it to init_process_group (device_id), so no rank opens a context on GPU 0. CPU: gloo."""
+    import torch.distributed as dist
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", torch.device(d))))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: calls.append(("init", backend, kw)))
+    monkeypatch.setenv("RANK", "5"), monkeypatch.setenv("WORLD_SIZE", "8"), monkeypatch.setenv("LOCAL_RANK", "1")
+    assert sample.dist_info("cuda") == (5, 8, torch.device("cuda", 1))
+    assert calls == [("set_device", torch.device("cuda", 1)), ("init", "nccl", {"device_id": torch.device("cuda", 1)})]
+    calls.clear()
+    assert sample.dist_info("cpu") == (5, 8, torch.device("cpu"))
+    assert calls == [("init", "gloo", {"device_id": None})]
