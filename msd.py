@@ -492,13 +492,7 @@ def load_data(cfg, owned, mcfg, device):
                               channels=mcfg.img_channels, need_labels=True) if cfg.stage in ("adm", "tsm") else None
     if real is not None and real.shape != shape:
         raise ValueError(f"--data {cfg.data}: images {real.shape} do not fit the model {shape}")
-    lpips_fn = None
-    if pairs is not None and cfg.reg_loss == "lpips":
-        import lpips
-        with torch.random.fork_rng():
-            torch.manual_seed(cfg.seed)
-            lpips_fn = lpips.LPIPS(net="vgg", pnet_rand=cfg.lpips_random, verbose=False).to(device).eval()
-        lpips_fn.requires_grad_(False)
+    lpips_fn = runtime.load_lpips(cfg.lpips_random, cfg.seed, device) if pairs is not None and cfg.reg_loss == "lpips" else None
     return pairs, parts, real, lpips_fn
 
 

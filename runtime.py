@@ -87,6 +87,36 @@ def real_batch(real, idx, device):
             torch.tensor([y for _, y in items], device=device))
 
 
+def load_lpips(random_vgg, seed, device):
+    """LPIPS-VGG for Eq. 9, frozen. Its VGG16 weights are torchvision's, downloaded on first use:
+    local rank 0 of each machine fetches them while the other ranks wait, then those load from the
+    cache. A failed load (offline, no cached file) stops every rank with one line before any step."""
+    try:
+        import lpips
+    except ImportError:
+        raise ValueError("--reg-loss lpips needs the lpips package (pip install lpips); or use --reg-loss mse") from None
+
+    def build():
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)  # the random VGG (--lpips-random) and LPIPS's own layers: the same on every rank
+            return lpips.LPIPS(net="vgg", pnet_rand=random_vgg, verbose=False).to(device).eval().requires_grad_(False)
+    first, fn, err = int(os.environ.get("LOCAL_RANK", 0)) == 0, None, None
+    if first:
+        try:
+            fn = build()
+        except Exception as e:  # a download error's type depends on where it failed (URLError, OSError, ...)
+            err = (f"LPIPS could not load torchvision's VGG16 weights ({type(e).__name__}: {e}). They download once "
+                   f"into {torch.hub.get_dir()}/checkpoints; offline, copy vgg16-397923af.pth there, or use "
+                   f"--reg-loss mse (or --lpips-random, LPIPS on a random VGG, for tests and timing only)")
+    if dist.is_initialized():  # also the barrier: no other rank reads the cache before rank 0 has filled it
+        errs = [None] * dist.get_world_size()
+        dist.all_gather_object(errs, err)
+        err = next((e for e in errs if e), None)
+    if err:
+        raise ValueError(err)
+    return fn if first else build()
+
+
 # ----------------------------------------------------------------------------- one step's randomness
 
 MAX_FAKE_STEPS = 255    # streams 1..255: the fake score's extra batches (DMD2's TTUR)

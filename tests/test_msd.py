@@ -379,3 +379,17 @@ def test_loss_weights_are_the_documented_lambdas():
     terms = {"dm": torch.tensor(2.0), "reg": torch.tensor(4.0), "gan_g": torch.tensor(100.0)}
     assert msd.weighted(cfg, terms).item() == pytest.approx(2.0 + 0.25 * 4.0 + 3e-3 * 100.0)
     assert msd.weighted(cfg, {"fake": torch.tensor(3.0), "gan_d": torch.tensor(50.0)}).item() == pytest.approx(3.5)
+
+
+def test_lpips_weights_offline_stop_the_run_with_one_line_before_any_step(files, tmp_path, monkeypatch):
+    import urllib.error
+    import torchvision.models._api as tv_api
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+    monkeypatch.setattr(tv_api.WeightsEnum, "get_state_dict", offline)
+    argv = [a for a in args(files, tmp_path / "run", "--iters", "1") if a != "--lpips-random"]
+    with pytest.raises(ValueError, match=r"LPIPS could not load torchvision's VGG16 weights \(URLError.*--reg-loss mse") as e:
+        msd.main(argv)
+    assert "\n" not in str(e.value) and not (tmp_path / "run" / "log.jsonl").exists()  # no step ran
+    runtime.load_lpips(True, 0, torch.device("cpu"))  # a random VGG needs no download
