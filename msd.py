@@ -90,6 +90,7 @@ class Config:  # every comment below is also the flag's --help line
     precision: str = "bf16"             # bf16 | fp16 (a GradScaler per optimiser) | fp32: autocast on CUDA or CPU ("mixed precision", App. D.2.1)
     compile: bool = False               # torch.compile the networks
     channels_last: bool = False         # NHWC weights/activations (pays off with --compile on GPUs)
+    deterministic: bool = False         # CUDA: deterministic kernels (a resumed run equal bit for bit; slower); the CPU's are already
     device: str = ""                    # cuda | cpu; "" = cuda if available
     seed: int = 0                       # every random draw is a function of (seed, step); 0 <= seed < 2^19
     log_every: int = 100                # steps between log lines (and log.jsonl rows)

@@ -8,7 +8,9 @@ the DM gradient's normaliser and the loss sums stay float32. `--compile`; TF32 o
 torchrun (NCCL on GPU, gloo on CPU); `--micro-batch` accumulates gradients (the global `--batch`
 is split over ranks first). Every random draw of a step is a function of (seed, step, stream)
 (`step_seed`) and every rank draws the global batch and takes its slice, so a resumed run
-continues bit for bit and the world size changes a result only through float summation order
+continues bit for bit where the kernels are deterministic (the CPU; CUDA with `--deterministic`;
+CUDA without it only within rounding, which bench/gpu_check.py measures), and the world size
+changes a result only through float summation order
 (TSM's dropout is seeded per global micro-batch, so it too is the same for any world size at the
 same --micro-batch). Rank 0 logs every `--log-every` steps (each loss term, both gradient norms,
 lr, ms/iter, img/s, skipped steps, peak GPU memory) to stdout and log.jsonl, and every
@@ -46,6 +48,10 @@ import stack
 
 def setup_dist(cfg):
     """(rank, world, device, per-rank batch, micro-batch) from torchrun's environment; NCCL on GPU, gloo on CPU."""
+    if cfg.deterministic:  # before the first cuBLAS call; ops with no deterministic CUDA kernel warn (warn_only)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
+    torch.backends.cudnn.deterministic = cfg.deterministic
     rank, world, device = sample.dist_info(cfg.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True

@@ -393,3 +393,16 @@ def test_lpips_weights_offline_stop_the_run_with_one_line_before_any_step(files,
         msd.main(argv)
     assert "\n" not in str(e.value) and not (tmp_path / "run" / "log.jsonl").exists()  # no step ran
     runtime.load_lpips(True, 0, torch.device("cpu"))  # a random VGG needs no download
+
+
+def test_deterministic_flag_sets_deterministic_kernels_and_cublas_workspace(files, tmp_path, monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        msd.main(args(files, tmp_path / "a", "--iters", "1", "--reg-loss", "mse", "--deterministic"))
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        assert torch.backends.cudnn.deterministic and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        msd.main(args(files, tmp_path / "b", "--iters", "1", "--reg-loss", "mse"))
+        assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
