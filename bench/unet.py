@@ -38,7 +38,11 @@ def time_it(fn, device, warmup, reps):
 def bench(preset, batch, device, precision, compile_, warmup, reps, channels_last, mode="default"):
     cfg = E.PRESETS[preset]
     torch.manual_seed(0)
-    D = E.EDMPrecond(cfg).to(device)
+    D = E.EDMPrecond(cfg)
+    for m in D.modules():  # EDM zero-initialises each block's last layers and the output: F = 0 would make
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and not m.weight.any():  # every path's output equal
+            m.reset_parameters()
+    D = D.to(device)
     if channels_last:
         D = D.to(memory_format=torch.channels_last)
     net = torch.compile(D, mode=mode) if compile_ else D

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import torch
+
 from test_bench_dm_step import load
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -15,27 +17,59 @@ def test_quick_cpu_check_runs_every_check_and_writes_its_results(tmp_path):
                            "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     items = json.load(open(out / "results.json"))["items"]
-    assert not [it for it in items if it["ok"] is False or "error" in it or "status" in it]  # nothing failed or left out
+    # nothing failed or was left out, but what only CUDA has
+    assert not [it for it in items if it["ok"] is False or "error" in it or it.get("status", "not run: CUDA only") != "not run: CUDA only"]
     names = [f"{it['section']}: {it['name']}" for it in items]
     for precision in ("fp32", "bf16", "fp16"):
         for run in ("dm, K = 2 separate", "dm, --all-students", "adm", "tsm"):
             assert f"pipeline: {run}, {precision}, eager" in names
     assert any(n.startswith("resume: ") for n in names) and any(n.startswith("torchrun: ") for n in names)
     assert any(n.startswith("heun: ") for n in names) and any(n.startswith("speed: DM step") for n in names)
+    assert any(n.startswith("kernels: q, k, v") for n in names) and any(n.startswith("memory: ") for n in names)
+    assert [it["processes"] for it in items if it["section"] == "torchrun"] == [2]  # a real comparison on a CPU
+    assert [it["bit_exact"] for it in items if it["section"] == "resume"] == [True, True]
+    assert all(it["first_step"]["dm"] != 0 for it in items if it["name"].startswith(("dm", "adm")))  # Eq. 6 compared
+    bf16 = [it for it in items if it["section"] == "speed" and "out_vs_fp32_eager" in it]
+    assert bf16 and all(it["ok"] for it in bf16)  # outputs held against fp32 eager's
     dm = [it for it in items if it["name"].startswith("dm, K = 2 separate")]
     assert all(it["fd_to_data"] > 0 and it["pixel_diff"] >= 0 for it in dm)  # routed sampling and FD ran
     run = json.load(open(out / "run.json"))
     assert run["command"].startswith("python bench/gpu_check.py --device cpu --quick") and run["quick"] is True
+    assert run["versions"]["torch"] == torch.__version__ and (out / "log.txt").stat().st_size > 0
     table = (out / "table.md").read_text()
-    assert "## Correctness" in table and "## Speed and memory" in table and "FAIL" not in table
+    assert "## Correctness" in table and "## Speed, memory and outputs" in table and "FAIL" not in table
 
 
-def test_a_broken_check_fails_and_one_over_budget_is_recorded_as_not_run(tmp_path):
+CHILD = """import json, os, sys, time
+state, group = sys.argv[sys.argv.index("--state") + 1], sys.argv[sys.argv.index("--child") + 1]
+rows = open(os.path.join(state, "rows.jsonl"), "a", buffering=1)
+rows.write(json.dumps({"started": "fine"}) + "\\n")
+rows.write(json.dumps(dict(section="s", name="fine", ok=True, x=1)) + "\\n")
+if group == "broken":
+    rows.write(json.dumps({"started": "crashing"}) + "\\n")
+    sys.exit(3)
+rows.write(json.dumps({"started": "slow"}) + "\\n")
+time.sleep(60)
+"""
+
+
+def test_a_group_killed_at_its_timeout_keeps_its_finished_rows_and_names_the_item_in_flight(tmp_path):
     gc = load("gpu_check")
-    ck = gc.Check(str(tmp_path), budget=60, info={})
-    ck.run("s", "broken", lambda: 1 / 0)
-    ck.run("s", "too long", lambda: (True, {}), need=120)
-    ck.run("s", "fine", lambda: (True, {"x": 1}))
-    saved = json.load(open(tmp_path / "results.json"))["items"]
-    assert [(it["name"], it["ok"]) for it in saved] == [("broken", False), ("too long", None), ("fine", True)]
-    assert "ZeroDivisionError" in saved[0]["error"] and saved[1]["status"].startswith("not run")
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    ck = gc.Check(str(tmp_path / "out"), budget=8, info=dict(device="cpu", command="c", commit="x", versions={}),
+                  script=str(script))
+    state = tmp_path / "state"
+    state.mkdir()
+    ck.run_group("broken", "s", 0, [], str(state))   # exits 3 in its second item
+    ck.run_group("sleepy", "s", 0, [], str(state))   # killed at the budget, in its second item
+    ck.run_group("late", "s", 30, [], str(state))    # needs more than is left
+    ck.save(0)
+    saved = json.load(open(tmp_path / "out" / "results.json"))["items"]
+    assert [(it["name"], it["ok"]) for it in saved] == [("fine", True), ("crashing", False), ("fine", True),
+                                                        ("slow", None), ("late", None)]
+    assert "exited with 3" in saved[1]["error"] and saved[3]["status"].startswith("killed at its timeout")
+    assert saved[4]["status"].startswith("not run")
+    assert "**FAIL**" in (tmp_path / "out" / "table.md").read_text()
+
+
