@@ -197,9 +197,11 @@ def log_terms(r, step):
         dt, n = time.time() - r.t_last, step - r.n_last
         r.log = {"step": step, **{k: float(f"{float(v) / n:.4g}") for k, v in r.terms_acc.items()},
                  "lr": float(f"{r.lr:.4g}"), "ms_per_iter": round(1000 * dt / n, 1),
-                 "img_per_s": round(cfg.batch * n / dt, 1), "skipped": r.skipped}  # one student's batch
+                 "images": cfg.batch * n, "img_per_s": float(f"{cfg.batch * n / dt:.4g}"),  # one student's batches
+                 "skipped": r.skipped}
         if cfg.all_students:  # the K x B images of a stacked step
-            r.log["img_per_s_all"] = round(cfg.num_students * cfg.batch * n / dt, 1)
+            r.log["images_all"] = cfg.num_students * cfg.batch * n
+            r.log["img_per_s_all"] = float(f"{cfg.num_students * cfg.batch * n / dt:.4g}")
         if r.device.type == "cuda":
             r.log["peak_gib"] = round(torch.cuda.max_memory_allocated(r.device) / 2 ** 30, 2)
         print(" ".join(f"{k} {v}" for k, v in r.log.items()), flush=True)
