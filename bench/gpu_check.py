@@ -34,7 +34,6 @@ Exit status 1 when a check fails.
 """
 import argparse
 import contextlib
-import importlib
 import json
 import os
 import platform
@@ -516,11 +515,13 @@ def child(group, hp, dev, st):
 
 def versions():
     """Python and the versions of the packages the check uses ("not installed" where absent)."""
+    from importlib import metadata
     out = {"python": platform.python_version()}
-    for name in ("torch", "torchvision", "numpy", "scipy", "sklearn", "einops", "tqdm", "lpips", "torch_fidelity"):
+    for name in ("torch", "torchvision", "numpy", "scipy", "scikit-learn", "matplotlib", "pillow", "einops", "tqdm",
+                 "lpips", "torch-fidelity"):
         try:
-            out[name] = getattr(importlib.import_module(name), "__version__", "installed")
-        except ImportError:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
             out[name] = "not installed"
     return out
 
@@ -592,7 +593,7 @@ def main(argv=None):
     info = digits.save_run(out, "bench/gpu_check.py", argv if argv is not None else sys.argv[1:], 0)  # command, commit, CPU
     info.update(device=name, gpus=torch.cuda.device_count() if args.device == "cuda" else 0,
                 cuda=torch.version.cuda if args.device == "cuda" else None, quick=args.quick, budget=args.budget,
-                versions=versions())
+                versions=versions(), wheels=os.environ.get("GPU_RUN_WHEELS", "none (not run by bench/gpu_run.sh)"))
     ck = Check(out, args.budget - (time.time() - t0), info)
     if os.path.exists(os.path.join(out, "log.txt")):
         os.remove(os.path.join(out, "log.txt"))

@@ -35,5 +35,6 @@ SITE=$(mktemp -d)
 trap 'rm -rf "$SITE"' EXIT
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" .whl/*.whl
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export GPU_RUN_WHEELS="installed from .whl/: $(cd .whl && ls *.whl | tr '\n' ' ')"  # run.json records it
 python3 -c "import sys, torch, lpips; print(f'python {sys.version.split()[0]}, torch {torch.__version__}, lpips from {lpips.__file__}')"
 python3 bench/gpu_check.py --out "$OUT" "$@"
