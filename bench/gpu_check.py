@@ -2,7 +2,7 @@
 
     bash bench/gpu_run.sh OUT                          # on the GPU machine: carried wheels, then this script
     python bench/gpu_check.py                          # CUDA: the checks, then the speed table
-    python bench/gpu_check.py --device cpu --quick     # the same checks at toy size on a CPU (CI, about a minute)
+    python bench/gpu_check.py --device cpu --quick     # the same checks at toy size on a CPU (CI, about two minutes)
 
 Every group of items runs in its own process with a timeout of the budget left: a group killed at
 its timeout is recorded as such (the item it was in, by name), results.json and table.md are
