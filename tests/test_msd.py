@@ -226,7 +226,7 @@ def test_every_flag_has_help_with_its_default():
     assert len(parser_help) == len(msd.dataclasses.fields(msd.Config))
     for flag, text in parser_help.items():
         assert len(text) > 15, flag
-        assert "(default: " in text or flag in ("--lpips-random", "--compile", "--channels-last", "--resume",
+        assert "(default: " in text or flag in ("--lpips-random", "--compile", "--channels-last", "--deterministic", "--resume",
                                                 "--all-students", "--shared-fake"), flag
     assert "App. D.2" in parser_help["--lr"] and "default: 0.01" in parser_help["--weight-decay"]
 
