@@ -72,12 +72,13 @@ TARGETS = {  # docs/performance.md, one H100: (measurement, target, unit, higher
 FULL = dict(teacher_iters=300, pairs=200, heun_steps=16, iters=20, batch=16, samples=200, clf_epochs=10,
             arch=digits.ARCH, tsm_arch="model_channels=16,img_resolution=8,attn_resolutions=(4,)",
             presets=("B", "S", "XS", "XXS"), batches=(1, 32, 64), dm_preset="B", dm_batch=32, lpips_size=224,
-            attn_preset="B", memory=(("dm", "B", 8), ("tsm", "S", 16)))
+            dm_precision="bf16", attn_preset="B", memory=(("dm", "B", 8), ("tsm", "S", 16)))
 QUICK = dict(teacher_iters=10, pairs=32, heun_steps=2, iters=1, batch=4, samples=40, clf_epochs=1,  # seconds each
              arch="model_channels=8,img_resolution=8,attn_resolutions=(4,)",
              tsm_arch="model_channels=8,img_resolution=8,attn_resolutions=(4,)",
              presets=("tiny",), batches=(1,), dm_preset="tiny", dm_batch=2, lpips_size=0,  # 0: MSE regression
-             attn_preset="tiny", memory=(("tsm", "tiny", 32),))  # tsm: no LPIPS, whose bf16 is slow on CPUs
+             dm_precision="fp32",  # bf16 convolutions are emulated, slowly, on CPUs without bf16 instructions
+             attn_preset="tiny", memory=(("tsm", "tiny", 16),))  # tsm: no LPIPS (slow on a CPU too)
 PRECISIONS = ("fp32", "bf16", "fp16")
 COMPARED = ("dm", "reg", "fake", "gan_g", "gan_d", "tsm", "gnorm_net")  # step 1's log entries held against fp32 eager
 PATHS = {"eager": [], "compiled": ["--compile", "--channels-last"]}
@@ -469,10 +470,11 @@ def dm_step_row(rows, hp, dev, compiled):
             torch.cuda.empty_cache(), torch.cuda.reset_peak_memory_stats()
         reg = ["--lpips-size", str(hp["lpips_size"])] if hp["lpips_size"] else ["--reg-loss", "mse"]
         log = dm_step.main(["--device", dev, "--preset", hp["dm_preset"], "--batch", str(hp["dm_batch"]),
-                            "--precision", "bf16", *reg, "--steps", "3" if hp is FULL else "1",
+                            "--precision", hp["dm_precision"], *reg, "--steps", "3" if hp is FULL else "1",
                             *(["--compile", "--channels-last"] if compiled else [])])
         return None, dict(ms_per_iter=log["ms_per_iter"], img_per_s=log["img_per_s"], peak_gib=log.get("peak_gib"))
-    rows.run(f"DM step {hp['dm_preset']}, batch {hp['dm_batch']}, bf16{', compiled, channels-last' if compiled else ''}", g)
+    rows.run(f"DM step {hp['dm_preset']}, batch {hp['dm_batch']}, {hp['dm_precision']}"
+             f"{', compiled, channels-last' if compiled else ''}", g)
 
 
 def memory_check(rows, hp, dev, st):

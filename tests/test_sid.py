@@ -1,4 +1,5 @@
 """sid.py: SiD's generator loss by hand, alpha's effect, its gradient against DM's (Eq. 6); --loss sid in msd.py."""
+import json
 import types
 
 import numpy as np
@@ -115,3 +116,14 @@ def test_msd_sid_all_students_equal_separate_runs_and_every_stage_runs(files, da
     assert "gan_g" in gan["log"]
     with pytest.raises(ValueError, match="--loss sid with --stage tsm"):
         msd.main(args(files, tmp_path / "t", "--stage", "tsm", "--loss", "sid", "--preset", "tiny", "--data", data))
+
+
+def test_msd_sid_survives_the_gradient_probe_and_its_checkpoints(files, tmp_path):  # noqa: F811
+    """The probe is on by default: its SiD term is the one the curves divide by (a KeyError 'dm' once)."""
+    out = tmp_path / "sid"
+    argv = [a for a in args(files, out, "--loss", "sid", "--iters", "2", "--ckpt-every", "2", "--reg-loss", "mse")]
+    argv[argv.index("--grad-probe-every") + 1] = "1"
+    msd.main(argv)
+    probes = [json.loads(line)["grad_probe"] for line in open(out / "log.jsonl") if "grad_probe" in line]
+    assert len(probes) == 2 and all(set(p) == {"sid", "reg"} for p in probes)
+    assert (out / "curves.png").stat().st_size > 0 and (out / "student.pt").exists()
