@@ -132,16 +132,30 @@ class Check:
                                  status=f"not run: {max(left, 0):.0f} s of the budget left, needs {need}"))
         rows_file = os.path.join(state, "rows.jsonl")
         pos = os.path.getsize(rows_file) if os.path.exists(rows_file) else 0
-        with open(os.path.join(self.out, "log.txt"), "a") as log:
-            log.write(f"\n===== {group} =====\n")
-            log.flush()
-            proc = subprocess.Popen([sys.executable, self.script, "--child", group, "--state", state, *argv],
-                                    cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-            try:
-                rc, killed = proc.wait(timeout=left), False
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)  # the child and what it started (torchrun's workers)
-                rc, killed = proc.wait(), True
+        try:
+            with open(os.path.join(self.out, "log.txt"), "a") as log:
+                log.write(f"\n===== {group} =====\n")
+                log.flush()
+                proc = subprocess.Popen([sys.executable, self.script, "--child", group, "--state", state, *argv],
+                                        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                try:
+                    rc, killed = proc.wait(timeout=left), False
+                except subprocess.TimeoutExpired:
+                    rc, killed = None, True
+                finally:  # at its timeout, or when this process is stopped (SIGTERM, Ctrl-C): no child outlives it
+                    if proc.poll() is None:
+                        os.killpg(proc.pid, signal.SIGKILL)  # the child and what it started (torchrun's workers)
+                        proc.wait()
+        finally:  # the rows the child finished, also when this process is being stopped
+            started = self.read_rows(rows_file, pos)
+        name = started or f"{group} (before its first item)"
+        if killed:
+            self.add(dict(section=section, name=name, ok=None, status=f"killed at its timeout ({left:.0f} s were left)"))
+        elif rc != 0:
+            self.add(dict(section=section, name=name, ok=False, error=f"the process exited with {rc}: see log.txt"))
+
+    def read_rows(self, rows_file, pos):
+        """Add the finished rows written after byte `pos`. -> the item started and not finished, if any."""
         started = None
         if os.path.exists(rows_file):
             with open(rows_file) as f:
@@ -153,11 +167,7 @@ class Check:
                     else:
                         self.add(rec)
                         started = None
-        name = started or f"{group} (before its first item)"
-        if killed:
-            self.add(dict(section=section, name=name, ok=None, status=f"killed at its timeout ({left:.0f} s were left)"))
-        elif rc != 0:
-            self.add(dict(section=section, name=name, ok=False, error=f"the process exited with {rc}: see log.txt"))
+        return started
 
 
 # ----------------------------------------------------------------------------- the child: rows
@@ -600,6 +610,7 @@ def main(argv=None):
     if os.path.exists(os.path.join(out, "log.txt")):
         os.remove(os.path.join(out, "log.txt"))
     state = tempfile.mkdtemp(prefix="gpu_check_")
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(f"stopped by signal {signum}"))  # runs the finally below
     flags = ["--device", args.device] + (["--quick"] if args.quick else [])
     try:
         ck.save(t0)

@@ -1,9 +1,12 @@
 """bench/gpu_check.py: the GPU check's CPU version runs every check (so it is known to work before a GPU exists)."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
+import pytest
 import torch
 
 from test_bench_dm_step import load
@@ -71,5 +74,38 @@ def test_a_group_killed_at_its_timeout_keeps_its_finished_rows_and_names_the_ite
     assert "exited with 3" in saved[1]["error"] and saved[3]["status"].startswith("killed at its timeout")
     assert saved[4]["status"].startswith("not run")
     assert "**FAIL**" in (tmp_path / "out" / "table.md").read_text()
+
+
+def test_stopping_the_check_stops_its_child_and_keeps_the_finished_rows(tmp_path):
+    """SIGTERM to the parent (a call's time limit, kill): the group's process is killed too (it runs in
+    a session of its own, so nothing else would end it) and the rows finished so far are written."""
+    script = tmp_path / "child.py"
+    script.write_text(CHILD.replace("time.sleep(60)", "open(os.path.join(state, 'pid'), 'w').write(str(os.getpid()))\n"
+                                                       "time.sleep(60)"))
+    runner = tmp_path / "parent.py"
+    runner.write_text(f"""import os, signal, sys, tempfile
+sys.path.insert(0, {os.path.join(ROOT, 'bench')!r})
+import gpu_check as gc
+ck = gc.Check({str(tmp_path / 'out')!r}, 60, dict(device="cpu", command="c", commit="x", versions={{}}), script={str(script)!r})
+signal.signal(signal.SIGTERM, lambda *a: sys.exit("stopped"))
+try:
+    ck.run_group("sleepy", "s", 0, [], {str(tmp_path)!r})
+finally:
+    ck.save(0)
+""")
+    proc = subprocess.Popen([sys.executable, str(runner)], cwd=ROOT)
+    pid_file = tmp_path / "pid"
+    for _ in range(600):
+        if pid_file.exists() and pid_file.read_text():
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    child = int(pid_file.read_text())
+    time.sleep(0.5)
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)  # gone
+    saved = json.load(open(tmp_path / "out" / "results.json"))["items"]
+    assert [(it["name"], it["ok"]) for it in saved] == [("fine", True)]
 
 
