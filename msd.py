@@ -447,11 +447,10 @@ def setup(cfg):
             if m is not None:
                 m.to(memory_format=torch.channels_last)
     critic = adm.FakeWithHead(fake, head) if head is not None else fake  # what the second optimiser trains
-    adamw = lambda params: torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
     r = types.SimpleNamespace(
         cfg=cfg, rank=rank, world=world, master=rank == 0, device=device, per_rank=per_rank, micro=micro,
         accum=per_rank // micro, teacher=teacher, net=net, fake=fake, head=head, critic=critic,
-        opt_net=adamw(net.parameters()), opt_critic=adamw(critic.parameters()) if critic is not None else None,
+        opt_net=adamw(cfg, net.parameters()), opt_critic=adamw(cfg, critic.parameters()) if critic is not None else None,
         scalers=[torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None for _ in range(2)],
         ema=copy.deepcopy(net).eval().requires_grad_(False) if cfg.ema_halflife_kimg else None,
         partitions=partitions, owned=owned, shape=shape, sigma_data=mcfg.sigma_data, pairs=pairs,
@@ -472,6 +471,11 @@ def setup(cfg):
     r.G = edm_unet.OneStep(r.net_train)  # G(z, y) = D(80 z, 80, y)
     runtime.write_run_info(r)
     return r
+
+
+def adamw(cfg, params):
+    """The run's AdamW (App. D.2.1)."""
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
 
 
 def load_data(cfg, owned, mcfg, device):

@@ -115,7 +115,8 @@ def one_step(argv, rows, precision, device, count=False, fake_tensors=True, cuda
     r = msd.setup(msd.parse_args(argv + ["--batch", str(rows), "--precision", precision, "--device", device]))
     nets = [m for m in (r.teacher, r.net, r.fake, r.head, r.lpips_fn) if m is not None]
     fake, mode, load = FakeTensorMode(allow_non_fake_inputs=True), LiveBytes(), runtime.real_batch
-    if count and fake_tensors:
+    fake_step = count and fake_tensors
+    if fake_step:
         for m in nets:  # the same modules, their tensors replaced by fake ones of the same shapes and dtypes
             for mod in m.modules():
                 for k, p in mod._parameters.items():
@@ -125,18 +126,16 @@ def one_step(argv, rows, precision, device, count=False, fake_tensors=True, cuda
                     if t is not None:
                         mod._buffers[k] = fake.from_tensor(t)
         r.pairs = tuple(fake.from_tensor(t) for t in r.pairs) if r.pairs is not None else None
-        cfg = r.cfg  # optimisers over the fake parameters, as msd.setup builds them
-        adamw = lambda ps: torch.optim.AdamW(ps, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)  # noqa: E731
-        r.opt_net = adamw(r.net.parameters())
-        r.opt_critic = adamw(r.critic.parameters()) if r.critic is not None else None
+        r.opt_net = msd.adamw(r.cfg, r.net.parameters())  # the optimisers over the fake parameters
+        r.opt_critic = msd.adamw(r.cfg, r.critic.parameters()) if r.critic is not None else None
         # real images: the batch's shape, not its pixels (loading reads one file per row)
         runtime.real_batch = lambda real, idx, dev: (torch.zeros((len(idx), *r.shape), device=dev),
                                                      torch.zeros(len(idx), dtype=torch.long, device=dev))
     group_norm = torch.nn.functional.group_norm
-    if count and fake_tensors and cuda_groupnorm:
+    if fake_step and cuda_groupnorm:
         torch.nn.functional.group_norm = group_norm_fp32
     try:
-        with fake if count and fake_tensors else contextlib.nullcontext(), mode if count else contextlib.nullcontext():
+        with fake if fake_step else contextlib.nullcontext(), mode if count else contextlib.nullcontext():
             b = msd.draw_batch(r, 0, 0)
             _, xs, _ = msd.update_generator(r, b)
             if r.critic is not None:
