@@ -7,10 +7,10 @@
 msd.py draws `curves.png` beside `log.jsonl` at every checkpoint and at the end of a run. One panel
 per logged term: the losses of the stage (DM Eq. 6, regression Eq. 9, fake score Eq. 8, GAN G / D,
 TSM Eq. 3), both gradient norms, the learning rate, img/s and skipped steps, and, where
-`--grad-probe-every` measured them, each weighted term's gradient norm on G divided by the DM
-(or SiD) term's (how DMD2's users balance the loss weights). Raw points are drawn faint, a running mean
-over them solid; the x axis is steps, the top axis images seen. A folder's `run.json` (written by
-msd.py) names its stage and partition for the legend.
+`--grad-probe-every` measured them, each weighted term's gradient norm on G divided by that of G's
+one-step loss (DM, SiD or f-distill: run.json's "loss"; how DMD2's users balance the loss weights).
+Raw points are drawn faint, a running mean over them solid; the x axis is steps, the top axis images
+seen. A folder's `run.json` (written by msd.py) names its stage, loss and partition for the legend.
 """
 import argparse
 import json
@@ -20,12 +20,11 @@ import sys
 import numpy as np
 
 # panel title for every key msd.py logs, in drawing order (keys not listed here are not drawn)
-PANELS = {"dm": "DM loss (Eq. 6)", "sid": "SiD loss (sid.py)", "reg": "regression loss (Eq. 9)", "gan_g": "GAN loss, G", "tsm": "TSM loss (Eq. 3)",
+PANELS = {"dm": "DM loss (Eq. 6)", "sid": "SiD loss (sid.py)", "f": "f-distill loss (fdistill.py)", "reg": "regression loss (Eq. 9)", "gan_g": "GAN loss, G", "tsm": "TSM loss (Eq. 3)",
           "fake": "fake-score loss (Eq. 8)", "gan_d": "GAN loss, D", "gnorm_net": "|grad| of G (student)",
           "gnorm_fake": "|grad| of the fake score", "lr": "learning rate", "img_per_s": "img/s",
           "skipped": "skipped steps (total)"}
 LOG_SCALE = {"dm", "reg", "tsm", "fake", "gnorm_net", "gnorm_fake"}
-ONE_STEP = ("dm", "sid")  # G's one-step loss (msd.py --loss): the probe's other terms are drawn against it
 
 
 def read_log(folder):
@@ -51,10 +50,16 @@ def smooth(y, window):
         return np.where(n > 0, (csum[1:] - csum[lo]) / n, np.nan)
 
 
+def one_step(meta):
+    """G's one-step loss of a run (msd.py --loss, in run.json; runs older than the key: DM)."""
+    return meta.get("loss", "dm")
+
+
 def label(folder, meta):
     if not meta:
         return os.path.basename(os.path.normpath(folder))
-    return (f"{os.path.basename(os.path.normpath(folder))}: {meta['stage']}, student {meta['partition']} of "
+    loss = "" if one_step(meta) == "dm" else f" ({one_step(meta)})"
+    return (f"{os.path.basename(os.path.normpath(folder))}: {meta['stage']}{loss}, student {meta['partition']} of "
             f"{meta['num_students']}")
 
 
@@ -65,8 +70,8 @@ def plot(folders, out):
     import matplotlib.pyplot as plt
     runs = [(f, *read_log(f)) for f in folders]
     keys = [k for k in PANELS if any(k in r for _, rows, _, _ in runs for r in rows)]
-    probe_terms = sorted({t for _, _, probes, _ in runs for p in probes for t in p["grad_probe"] if t not in ONE_STEP})
-    titles = [PANELS[k] for k in keys] + (["|grad| on G per term / the DM (or SiD) term's (probe)"] if probe_terms else [])
+    probe_terms = sorted({t for _, _, probes, meta in runs for p in probes for t in p["grad_probe"] if t != one_step(meta)})
+    titles = [PANELS[k] for k in keys] + (["|grad| on G per term / the one-step loss's (probe)"] if probe_terms else [])
     cols = 4
     fig, axes = plt.subplots(-(-len(titles) // cols), cols, figsize=(4 * cols, 2.8 * -(-len(titles) // cols)),
                              layout="constrained", squeeze=False)
@@ -84,7 +89,7 @@ def plot(folders, out):
         if probe_terms:
             ax = axes.flat[len(keys)]
             ps = [p["step"] for p in probes]
-            one = next((t for t in ONE_STEP if probes and t in probes[0]["grad_probe"]), "dm")
+            one = one_step(meta)
             for t, style in zip(probe_terms, ("-", "--", ":", "-.")):
                 ratio = [p["grad_probe"].get(t, np.nan) / p["grad_probe"][one] if p["grad_probe"].get(one) else np.nan
                          for p in probes]  # a zero DM gradient (G = fake = teacher at the start) has no ratio

@@ -78,9 +78,12 @@ def dm_grad(x, mu_real, mu_fake):
     return (mu_fake - mu_real) / norm
 
 
-def dm_loss(x, mu_real, mu_fake):
-    """A loss whose gradient w.r.t. x is grad / numel: 0.5 * ||x - stopgrad(x - grad)||^2 (DMD Alg. 1)."""
+def dm_loss(x, mu_real, mu_fake, scale=None):
+    """A loss whose gradient w.r.t. x is grad / numel: 0.5 * ||x - stopgrad(x - grad)||^2 (DMD Alg. 1).
+    scale (B,): a constant weight per sample on grad (f-distill's h(r), fdistill.py)."""
     grad = dm_grad(x, mu_real, mu_fake)
+    if scale is not None:
+        grad = _bcast(scale.detach().float(), grad) * grad
     target = (x.detach().float() - grad)
     return 0.5 * F.mse_loss(x.float(), target)
 

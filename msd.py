@@ -9,8 +9,8 @@ The method, in the order of this file (MSD Fig. 2, Eq. 4): student k owns the cl
 partition (Sec. 3.2, `make_partition`) and trains on them alone, stage by stage: `tsm` (Stage 0,
 Eq. 3, tsm.py) pretrains a smaller denoiser; `dm` (Stage 1, DMD Alg. 1) steps G on Eq. 6 +
 lambda_reg Eq. 9 (`update_generator`), then the fake score on Eq. 8 (`update_fake_score`; dmd.py
-holds the losses; `--loss sid` puts SiD's loss, sid.py, in Eq. 6's place: MSD App. J.1); `adm`
-(Stage 2) adds a GAN on the fake score's middle block (adm.py). Then `train`, the set-up and the
+holds the losses; `--loss sid | f` puts SiD's or f-distill's loss in Eq. 6's place: MSD App. J.1,
+`one_step_loss`, `LOSS_DEFAULTS`); `adm` (Stage 2) adds a GAN on the fake score's middle block (adm.py). Then `train`, the set-up and the
 checks; the plumbing (ranks, random streams, optimiser steps, logs, resume files, the command line)
 is runtime.py's.
 
@@ -37,6 +37,7 @@ import adm
 import curves
 import dmd
 import edm_unet
+import fdistill
 import runtime
 import sample
 import sid
@@ -68,7 +69,7 @@ class Config:  # every comment below is also the flag's --help line
     lambda_reg: typing.Optional[float] = None  # weight of the regression loss (Eq. 9); paper: dm 0.25, adm/tsm 0
     micro_batch: int = 0                # per-rank micro-batch for gradient accumulation; 0 = none
     weight_decay: float = 0.01          # AdamW weight decay (App. D.2.1)
-    beta1: typing.Optional[float] = None  # AdamW beta1: 0.9 (App. D.2.1); 0 with --loss sid (SiD's Adam)
+    beta1: typing.Optional[float] = None  # AdamW beta1: 0.9 (App. D.2.1); the loss's (LOSS_DEFAULTS): 0 with --loss sid
     beta2: float = 0.999                # AdamW beta2 (App. D.2.1)
     grad_clip: float = 10.0             # gradient-norm clipping (App. D.2.1)
     fake_steps_per_gen: typing.Optional[int] = None  # mu_fake updates per G update; dm 1 (DMD Alg. 1), adm 5 (DMD2's TTUR, dfake_gen_update_ratio)
@@ -78,7 +79,8 @@ class Config:  # every comment below is also the flag's --help line
     gan_t_max: int = 1000               # adm: each GAN input is noised at its own t in [0, gan_t_max) (DMD2's --diffusion_gan_max_timestep)
     P_mean: float = -1.2                # tsm, and mu_fake under --loss sid: EDM's log-normal sigma, mean of ln sigma (App. D.2.2; SiD)
     P_std: float = 1.2                  # tsm, --loss sid's mu_fake: std of ln sigma (App. D.2.2; SiD)
-    loss: str = "dm"                    # dm/adm: G's one-step loss: dm (DMD Eq. 6) | sid (SiD, sid.py: sigma <= 24.4, --beta1 0, mu_fake log-normal; MSD App. J.1)
+    loss: str = "dm"                    # G's one-step loss (LOSS_DEFAULTS; MSD App. J.1): dm (DMD Eq. 6) | sid (SiD, sid.py) | f (f-distill, fdistill.py; adm only)
+    f_div: str = "js"                   # --loss f: the f-divergence, h(r) of fdistill.H (FastGen's default: js)
     sid_alpha: float = 1.2              # --loss sid: SiD's alpha (their default 1.2; alpha does nothing without the backward pass through both denoisers)
     lambda_gan_g: float = 3e-3          # adm: generator GAN weight (App. D.2.1)
     lambda_gan_d: float = 1e-2          # adm: discriminator GAN weight (App. D.2.1)
@@ -108,9 +110,14 @@ STAGE_DEFAULTS = {  # MSD App. D.2 where it speaks; its sources where it is sile
     "dm": dict(lr=2e-6, batch=128, iters=200_000, lambda_reg=0.25, fake_steps_per_gen=1, warmup=0),   # App. D.2.1; DMD Alg. 1
     "adm": dict(lr=5e-7, batch=192, iters=150_000, lambda_reg=0.0, fake_steps_per_gen=5, warmup=100),  # App. D.2.1; DMD2
 }
+LOSS_DEFAULTS = {  # what G's one-step loss brings: Adam's beta1, G's (gen) and mu_fake's (fake) noise levels, its stages
+    "dm": dict(beta1=0.9, gen="dmd", fake="all", stages=("dm", "adm")),      # App. D.2.1; DMD Alg. 1 (t in [t_min, t_max); Eq. 8: all)
+    "sid": dict(beta1=0.0, gen="sid", fake="lognormal", stages=("dm", "adm")),  # SiD's code: its Adam, t <= 0.8, EDM's log-normal
+    "f": dict(beta1=0.9, gen="dmd", fake="all", stages=("adm",)),            # f-distill: DM's, with r from the ADM stage's critic
+}
 NUM_LEVELS = 1000  # App. D.2.1: 1000 Karras levels in [0.002, 80]
 CHOICES = {"stage": tuple(STAGE_DEFAULTS), "split": ("consecutive", "kmeans", "random"), "target": ("teacher", "data"), "reg_pairs": ("all", "own"),
-           "loss": ("dm", "sid"), "reg_loss": ("lpips", "mse"), "precision": ("bf16", "fp16", "fp32")}
+           "loss": tuple(LOSS_DEFAULTS), "f_div": tuple(fdistill.H), "reg_loss": ("lpips", "mse"), "precision": ("bf16", "fp16", "fp32")}
 
 
 # ----------------------------------------------------------------------------- partitions (Sec. 3.2, App. B.1)
@@ -121,8 +128,7 @@ def kmeans_equal(X, K, seed=0, iters=50):
     X = np.asarray(X, dtype=np.float64)
     N = len(X)
     caps = np.full(K, N // K) + (np.arange(K) < N % K)
-    rng = np.random.default_rng(seed)
-    centers = X[rng.choice(N, K, replace=False)]
+    centers = X[np.random.default_rng(seed).choice(N, K, replace=False)]
     assign = np.full(N, -1)
     for _ in range(iters):
         d = ((X[:, None] - centers[None]) ** 2).sum(-1)  # (N, K)
@@ -152,18 +158,12 @@ def make_partition(num_classes, K, split="consecutive", seed=0, embeddings=None)
     raise ValueError(f"--split {split!r}: expected consecutive, kmeans or random")
 
 
-def label_embeddings(denoiser):
-    """The teacher's label-embedding vectors, one per class: columns of map_label's weight. -> (C, E)."""
-    return denoiser.model.map_label.weight.detach().T.cpu().numpy()
-
-
 # ------------------------------------------------------------ one step of DMD Alg. 1: batch, losses, updates
 
 def draw_batch(r, step, stream, with_pairs=True):
-    """The whole global batch of one update; --all-students: each student's batch exactly as its own
-    run draws it, the K batches one after another (K*B rows; pair indices offset to its own pairs).
-    One shared fake score draws its Eq. 8 t and noise for all K*B rows from a stream of its own, so
-    its batch holds K*B distinct draws (the students' own runs would draw the same B for each)."""
+    """The global batch of one update; --all-students: each student's batch as its own run draws it, the
+    K batches one after another (K*B rows; pair indices offset to its own pairs). One shared fake score
+    draws its Eq. 8 t and noise for all K*B rows from a stream of its own (K*B distinct draws)."""
     parts = [draw_student_batch(r, step, stream, with_pairs, classes, n_pairs) for classes, n_pairs, _ in r.parts]
     for b, (_, _, offset) in zip(parts, r.parts):
         if "pair_idx" in b and offset:
@@ -186,9 +186,7 @@ def draw_student_batch(r, step, stream, with_pairs, classes, n_pairs):
     g = runtime.rng(cfg, step, stream, dev)
     b = {"z": torch.randn((B, *shape), generator=g, device=dev),                          # (B, C, H, W)
          "y": classes[torch.randint(len(classes), (B,), generator=g, device=dev)],        # labels of Y_k
-         "sigma": tsm.sample_sigma_lognormal(B, cfg.P_mean, cfg.P_std, g, dev) if cfg.stage == "tsm"
-         else sid.sample_sigma(B, generator=g, device=dev) if cfg.loss == "sid"  # SiD: t <= 0.8 on the Karras curve
-         else dmd.sample_sigma(B, r.sigmas, cfg.t_min, cfg.t_max, g)}
+         "sigma": tsm.sample_sigma_lognormal(B, cfg.P_mean, cfg.P_std, g, dev) if cfg.stage == "tsm" else gen_sigma(r, B, g)}
     b["noise"] = torch.randn((B, *shape), generator=g, device=dev)
     if cfg.stage != "tsm":
         b["sigma_fake"] = fake_sigma(r, B, g)
@@ -204,15 +202,31 @@ def draw_student_batch(r, step, stream, with_pairs, classes, n_pairs):
     return b
 
 
+def gen_sigma(r, n, g):
+    """G's noise levels for its one-step loss: t ~ U{t_min..t_max-1} of the 1000 (DMD2); sid: t <= 0.8 of EDM's curve."""
+    if LOSS_DEFAULTS[r.cfg.loss]["gen"] == "sid":
+        return sid.sample_sigma(n, generator=g, device=r.device)
+    return dmd.sample_sigma(n, r.sigmas, r.cfg.t_min, r.cfg.t_max, g)
+
+
 def fake_sigma(r, n, g):
-    """mu_fake's Eq. 8 noise levels: t ~ U over all 1000 levels (DMD Alg. 1); --loss sid: EDM's log-normal (SiD)."""
-    if r.cfg.loss == "sid":
+    """mu_fake's Eq. 8 noise levels: t ~ U over all 1000 levels (DMD Alg. 1); sid: EDM's log-normal."""
+    if LOSS_DEFAULTS[r.cfg.loss]["fake"] == "lognormal":
         return tsm.sample_sigma_lognormal(n, r.cfg.P_mean, r.cfg.P_std, g, r.device)
     return dmd.sample_sigma(n, r.sigmas, 0, NUM_LEVELS, g)
 
 
-def generator_losses(cfg, G, teacher, fake, critic, lpips_fn, b, pairs, K=1):
-    """G's loss terms on micro-batch b: DM (Eq. 6) or SiD, regression (Eq. 9), GAN (adm). Returns (terms, x).
+def one_step_loss(cfg, x, b, teacher, fake, critic, sigmas):
+    """G's one-step loss on its samples x (--loss): DM (Eq. 6, dmd.py), SiD (sid.py) or f-distill (fdistill.py)."""
+    if cfg.loss == "sid":  # the gradient goes through both denoisers (their weights frozen here)
+        return {"sid": sid.sid_loss(x, b["sigma"], b["y"], teacher, fake, b["noise"], cfg.sid_alpha)}
+    if cfg.loss == "f":  # DM's per-sample gradient weighted by h(r), r from the ADM critic at the same x_t
+        return {"f": fdistill.f_loss(x, b["sigma"], b["y"], teacher, critic, b["noise"], sigmas, cfg.f_div)[0]}
+    return {"dm": dmd.dm_step_loss(x, b["sigma"], b["y"], teacher, fake, b["noise"])}
+
+
+def generator_losses(cfg, G, teacher, fake, critic, lpips_fn, b, pairs, sigmas, K=1):
+    """G's loss terms on micro-batch b: the one-step loss, regression (Eq. 9), GAN (adm). Returns (terms, x).
     K > 1: b holds K students' blocks of rows, one after another (--all-students)."""
     terms = {}
     if cfg.lambda_reg:
@@ -225,10 +239,7 @@ def generator_losses(cfg, G, teacher, fake, critic, lpips_fn, b, pairs, K=1):
         terms["reg"] = dmd.regression_loss(x_pair, img_pair, lpips_fn, cfg.lpips_size)
     else:
         x = G(b["z"], b["y"])
-    if cfg.loss == "sid":  # the gradient goes through both denoisers (their weights frozen here: sid.py)
-        terms["sid"] = sid.sid_loss(x, b["sigma"], b["y"], teacher, fake, b["noise"], cfg.sid_alpha)
-    else:
-        terms["dm"] = dmd.dm_step_loss(x, b["sigma"], b["y"], teacher, fake, b["noise"])
+    terms.update(one_step_loss(cfg, x, b, teacher, fake, critic, sigmas))
     if cfg.stage == "adm":  # non-saturating GAN loss through the (frozen here) critic, at its own sigma
         x_t = x + dmd._bcast(b["sigma_gan"], x) * b["noise_gan"]
         terms["gan_g"] = adm.gan_g_loss(critic(x_t, b["sigma_gan"], b["y"])[1])
@@ -255,42 +266,56 @@ def critic_losses(cfg, critic, x, b, sigma_data, real=None):
 
 def loss_weights(cfg):
     """The weight of every loss term, by the name the loss functions give it."""
-    return {"dm": 1.0, "sid": 1.0, "reg": cfg.lambda_reg, "gan_g": cfg.lambda_gan_g, "fake": 1.0, "gan_d": cfg.lambda_gan_d, "tsm": 1.0}
+    return {cfg.loss: 1.0, "reg": cfg.lambda_reg, "gan_g": cfg.lambda_gan_g, "fake": 1.0, "gan_d": cfg.lambda_gan_d, "tsm": 1.0}
 
 
 def weighted(cfg, terms):
-    w = loss_weights(cfg)
-    return sum(w[k] * v for k, v in terms.items())
+    return sum(loss_weights(cfg)[k] * v for k, v in terms.items())
 
 
 def update_generator(r, b_gen):
-    """DMD Alg. 1 l.5-9: G's loss Eq. 6 + lambda_reg * Eq. 9 [+ GAN] (MSD Eq. 4), one AdamW step.
-    tsm: the student's Eq. 3 step instead. -> (terms, G's samples per micro-batch, ok)."""
+    """DMD Alg. 1 l.5-9: G's one-step loss (Eq. 6) + lambda_reg * Eq. 9 [+ GAN] (MSD Eq. 4), one AdamW
+    step. -> (terms, G's samples per micro-batch, ok)."""
     cfg, terms_sum, xs = r.cfg, {}, []
-    if r.critic is not None:
-        r.critic.requires_grad_(False)  # the GAN's (and SiD's) gradient goes through the critic into G only
+    r.critic.requires_grad_(False)  # the GAN's (and SiD's) gradient goes through the critic into G only
     for i, b in runtime.micro_batches(r, b_gen):
         with runtime.no_sync(r, r.net_train, i):
             with runtime.amp(cfg, r.device):  # the forward under autocast, the backward outside (PyTorch's AMP recipe)
-                if cfg.stage == "tsm":  # dropout: a function of (seed, step, global micro-batch), not of the rank count
-                    torch.manual_seed(runtime.step_seed(cfg.seed, r.step, runtime.DROPOUT_STREAM + r.rank * r.accum + i))
-                    x, y = runtime.real_batch(r.real, b["real_idx"], r.device)
-                    target = r.teacher_f if cfg.target == "teacher" else None
-                    terms = {"tsm": tsm.tsm_loss(r.net_train, target, x, b["sigma"], y, r.sigma_data, b["noise"])}
-                else:
-                    terms, x = generator_losses(cfg, r.G, r.teacher_f, r.fake_f, r.critic_f, r.lpips_fn, b, r.pairs, r.students_g)
+                terms, x = generator_losses(cfg, r.G, r.teacher_f, r.fake_f, r.critic_f, r.lpips_fn, b, r.pairs, r.sigmas,
+                                            r.students_g)
             runtime.backward(weighted(cfg, terms) * r.students_g / r.accum, r.scalers[0])
         xs.append(x.detach())
         runtime.add_terms(terms_sum, terms, r.accum)
-    if r.critic is not None:
-        r.critic.requires_grad_(True)
+    r.critic.requires_grad_(True)
     norm, ok = runtime.optimizer_step(cfg, r.net, r.opt_net, r.scalers[0])
+    update_ema(r, ok)
+    return {**terms_sum, "gnorm_net": norm.float()}, xs, ok
+
+
+def update_denoiser(r, b_gen):
+    """Stage 0 (Eq. 3, tsm.py): the student denoiser's teacher score matching, one AdamW step. -> (terms, ok)."""
+    cfg, terms_sum = r.cfg, {}
+    target = r.teacher_f if cfg.target == "teacher" else None  # Eq. 3; data: EDM's own loss
+    for i, b in runtime.micro_batches(r, b_gen):
+        with runtime.no_sync(r, r.net_train, i):
+            # dropout: a function of (seed, step, global micro-batch), not of the rank count
+            torch.manual_seed(runtime.step_seed(cfg.seed, r.step, runtime.DROPOUT_STREAM + r.rank * r.accum + i))
+            x, y = runtime.real_batch(r.real, b["real_idx"], r.device)
+            with runtime.amp(cfg, r.device):
+                terms = {"tsm": tsm.tsm_loss(r.net_train, target, x, b["sigma"], y, r.sigma_data, b["noise"])}
+            runtime.backward(terms["tsm"] / r.accum, r.scalers[0])
+        runtime.add_terms(terms_sum, terms, r.accum)
+    norm, ok = runtime.optimizer_step(cfg, r.net, r.opt_net, r.scalers[0])
+    update_ema(r, ok)
+    return {**terms_sum, "gnorm_net": norm.float()}, ok
+
+
+def update_ema(r, ok):  # the EMA of the trained net (half-life --ema-halflife-kimg; off by default, as in the paper)
     if r.ema is not None and ok:
-        beta = 0.5 ** (cfg.batch / (cfg.ema_halflife_kimg * 1000))
+        beta = 0.5 ** (r.cfg.batch / (r.cfg.ema_halflife_kimg * 1000))
         with torch.no_grad():
             for pe, p in zip(r.ema.parameters(), r.net.parameters()):
                 pe.lerp_(p, 1 - beta)
-    return {**terms_sum, "gnorm_net": norm.float()}, xs, ok
 
 
 def update_fake_score(r, b_gen, xs, step):
@@ -320,9 +345,13 @@ def train(cfg):
     for step in range(r.step, cfg.iters):
         r.lr = runtime.warmup_lr(r, step)
         b = draw_batch(r, step, 0)                        # z, y, t, noise: a function of (seed, step)
-        g_terms, xs, ok = update_generator(r, b)          # Alg. 1 l.5-9: Eq. 6 + lambda_reg Eq. 9 [+ GAN]; tsm: Eq. 3
-        f_terms, ok_f = update_fake_score(r, b, xs, step) if r.critic is not None else ({}, True)  # l.10-12: Eq. 8 [+ D]
-        log_and_checkpoint(r, step + 1, b, {**g_terms, **f_terms}, ok and ok_f)
+        if cfg.stage == "tsm":                            # Stage 0: the student denoiser on Eq. 3
+            terms, ok = update_denoiser(r, b)
+        else:
+            g_terms, xs, ok = update_generator(r, b)      # Alg. 1 l.5-9: Eq. 6 + lambda_reg Eq. 9 [+ GAN]
+            f_terms, ok_f = update_fake_score(r, b, xs, step)  # l.10-12: Eq. 8 [+ D]
+            terms, ok = {**g_terms, **f_terms}, ok and ok_f
+        log_and_checkpoint(r, step + 1, b, terms, ok)
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -427,7 +456,7 @@ def setup(cfg):
     for k, v in STAGE_DEFAULTS.get(cfg.stage, {}).items():
         if getattr(cfg, k) is None:
             setattr(cfg, k, v)
-    cfg.beta1 = (0.0 if cfg.loss == "sid" else 0.9) if cfg.beta1 is None else cfg.beta1  # SiD's Adam; App. D.2.1
+    cfg.beta1 = LOSS_DEFAULTS.get(cfg.loss, LOSS_DEFAULTS["dm"])["beta1"] if cfg.beta1 is None else cfg.beta1
     check_config(cfg)
     rank, world, device, per_rank, micro = runtime.setup_dist(cfg)
     if cfg.all_students:  # one process, no accumulation: a step's rows are the K students' batches
@@ -437,7 +466,7 @@ def setup(cfg):
     mcfg = net.cfg
     if cfg.num_students > mcfg.label_dim:
         raise ValueError(f"--num-students {cfg.num_students} exceeds the {mcfg.label_dim} classes")
-    emb = label_embeddings(teacher or net) if cfg.split == "kmeans" else None
+    emb = (teacher or net).model.map_label.weight.detach().T.cpu().numpy() if cfg.split == "kmeans" else None  # (C, E): label vectors
     partitions = make_partition(mcfg.label_dim, cfg.num_students, cfg.split, cfg.split_seed, emb)
     owned = partitions if cfg.all_students else [partitions[cfg.partition]]  # the classes of each student it trains
     shape = (mcfg.img_channels, mcfg.img_resolution, mcfg.img_resolution)
@@ -506,17 +535,15 @@ def load_data(cfg, owned, mcfg, device):
 def grad_probe(r, b):
     """|grad_G| of each weighted loss term on its own (DMD users balance lambda_reg by these)."""
     params = [p for p in r.net.parameters() if p.requires_grad]
-    if r.critic is not None:
-        r.critic.requires_grad_(False)
+    r.critic.requires_grad_(False)  # dm and adm: the probe does not run in tsm
     with runtime.amp(r.cfg, r.device):
-        terms, _ = generator_losses(r.cfg, edm_unet.OneStep(r.net), r.teacher_f, r.fake, r.critic, r.lpips_fn, b, r.pairs)
+        terms, _ = generator_losses(r.cfg, edm_unet.OneStep(r.net), r.teacher_f, r.fake, r.critic, r.lpips_fn, b, r.pairs, r.sigmas)
     w, out = loss_weights(r.cfg), {}
     scale = r.scalers[0].get_scale() if r.scalers[0] is not None else 1.0  # fp16: as the update's backward
     for k, v in terms.items():
         grads = torch.autograd.grad(w[k] * v * scale, params, retain_graph=True, allow_unused=True)
         out[k] = float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None))) / scale
-    if r.critic is not None:
-        r.critic.requires_grad_(True)
+    r.critic.requires_grad_(True)
     return out
 
 
@@ -547,8 +574,9 @@ def check_config(cfg):
     runtime.check_choices(cfg, CHOICES)
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda asked for, but CUDA is not available (use --device cpu)")
-    if cfg.loss == "sid" and cfg.stage == "tsm":
-        raise ValueError("--loss sid with --stage tsm: SiD trains the one-step G (dm, adm); tsm trains a denoiser (Eq. 3)")
+    if cfg.loss != "dm" and cfg.stage not in LOSS_DEFAULTS[cfg.loss]["stages"]:  # tsm ignores the default
+        raise ValueError(f"--loss {cfg.loss} with --stage {cfg.stage}: it trains G in the {' and '.join(LOSS_DEFAULTS[cfg.loss]['stages'])} "
+                         f"stage only ({'its density ratio r comes from the ADM critic' if cfg.loss == 'f' else 'tsm trains a denoiser, Eq. 3'})")
     if cfg.all_students and cfg.stage != "dm":
         raise ValueError(f"--all-students with --stage {cfg.stage}: the stack trains the dm stage only (so far)")
     if cfg.all_students and cfg.channels_last:
@@ -562,11 +590,7 @@ def check_config(cfg):
     for name in needs:
         if not getattr(cfg, name):
             raise ValueError(f"--stage {cfg.stage} needs --{name}")
-    for name in ("teacher", "init", "fake_init", "pairs", "data"):
-        ks = range(cfg.num_students) if cfg.all_students and "{k}" in getattr(cfg, name) else [None]
-        for path in (getattr(cfg, name).replace("{k}", str(k)) for k in ks):
-            if path and not os.path.exists(path):
-                raise FileNotFoundError(f"--{name.replace('_', '-')} {path!r} does not exist")
+    runtime.check_files(cfg, ("teacher", "init", "fake_init", "pairs", "data"))
     if cfg.stage == "tsm" and not (cfg.preset or cfg.init):
         raise ValueError("--stage tsm needs --preset (a fresh student) or --init (a checkpoint)")
     try:

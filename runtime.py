@@ -303,7 +303,8 @@ def write_run_info(r):
                   f"{len(part)} classes: {part if len(part) <= 20 else part[:10] + ['...']}")
         with open(os.path.join(cfg.out, "run.json"), "w") as f:
             json.dump({"stage": cfg.stage, "partition": "all" if cfg.all_students else cfg.partition,
-                       "num_students": cfg.num_students, "classes": r.owned, "batch": cfg.batch}, f)
+                       "num_students": cfg.num_students, "classes": r.owned, "batch": cfg.batch,
+                       "loss": cfg.loss}, f)
 
 
 def per_student(r, net):
@@ -335,6 +336,15 @@ def check_seed_fields(cfg):
     if cfg.iters >= 2 ** 32 or cfg.fake_steps_per_gen > MAX_FAKE_STEPS:
         raise ValueError(f"--iters {cfg.iters} / --fake-steps-per-gen {cfg.fake_steps_per_gen}: expected "
                          f"< 2^32 / <= {MAX_FAKE_STEPS} (each has a bit field of step_seed)")
+
+
+def check_files(cfg, names):
+    """Every file flag in `names` that is set names a file that exists (--all-students: each {k} of it)."""
+    for name in names:
+        ks = range(cfg.num_students) if cfg.all_students and "{k}" in getattr(cfg, name) else [None]
+        for path in (getattr(cfg, name).replace("{k}", str(k)) for k in ks):
+            if path and not os.path.exists(path):
+                raise FileNotFoundError(f"--{name.replace('_', '-')} {path!r} does not exist")
 
 
 def check_choices(cfg, choices):

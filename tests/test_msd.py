@@ -272,7 +272,7 @@ def test_each_gan_input_is_noised_at_its_own_level_as_dmd2():
     b = {k: v[:6] for k, v in b.items()}
     x = torch.randn(6, 1, 2, 2)
     ident = lambda x_t, sigma, y: x_t
-    msd.generator_losses(r.cfg, lambda z, y: x, ident, ident, critic, None, b, None)
+    msd.generator_losses(r.cfg, lambda z, y: x, ident, ident, critic, None, b, None, r.sigmas)
     torch.testing.assert_close(seen[0][1], b["sigma_gan"])
     torch.testing.assert_close(seen[0][0], x + b["sigma_gan"].view(-1, 1, 1, 1) * b["noise_gan"])
     real = (torch.randn(6, 1, 2, 2), torch.zeros(6, dtype=torch.long))
@@ -375,7 +375,8 @@ def test_resume_refuses_another_stage_or_partition(files, tmp_path):
 
 def test_loss_weights_are_the_documented_lambdas():
     cfg = msd.Config(lambda_reg=0.25, lambda_gan_g=3e-3, lambda_gan_d=1e-2)
-    assert msd.loss_weights(cfg) == {"dm": 1.0, "sid": 1.0, "reg": 0.25, "gan_g": 3e-3, "fake": 1.0, "gan_d": 1e-2, "tsm": 1.0}
+    assert msd.loss_weights(cfg) == {"dm": 1.0, "reg": 0.25, "gan_g": 3e-3, "fake": 1.0, "gan_d": 1e-2, "tsm": 1.0}
+    assert msd.loss_weights(msd.Config(loss="f"))["f"] == 1.0 and "dm" not in msd.loss_weights(msd.Config(loss="sid"))
     terms = {"dm": torch.tensor(2.0), "reg": torch.tensor(4.0), "gan_g": torch.tensor(100.0)}
     assert msd.weighted(cfg, terms).item() == pytest.approx(2.0 + 0.25 * 4.0 + 3e-3 * 100.0)
     assert msd.weighted(cfg, {"fake": torch.tensor(3.0), "gan_d": torch.tensor(50.0)}).item() == pytest.approx(3.5)
