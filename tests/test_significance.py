@@ -1,0 +1,40 @@
+"""bench/significance.py against scipy on hand-made numbers: Welch's t and its interval, the exact
+permutation test, Holm's correction."""
+import os
+import sys
+
+import numpy as np
+import pytest
+from scipy import stats
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+import significance  # noqa: E402
+
+A, B = [75.13, 81.67, 76.68], [71.27, 65.21, 68.45, 70.02]
+
+
+def test_welch_equals_scipys_test_and_interval():
+    diff, (lo, hi), p = significance.welch(A, B)
+    ref = stats.ttest_ind(A, B, equal_var=False)
+    ci = ref.confidence_interval(0.95)
+    assert diff == pytest.approx(np.mean(A) - np.mean(B))
+    assert p == pytest.approx(ref.pvalue, rel=1e-10) and (lo, hi) == pytest.approx((ci.low, ci.high), rel=1e-10)
+    assert significance.welch(B, A)[2] == pytest.approx(p)  # two-sided
+    assert significance.welch([1.0, 1.0], [1.0, 1.0])[2] == 1.0 and significance.welch([2.0, 2.0], [1.0, 1.0])[2] == 0.0
+    with pytest.raises(ValueError, match="2 or more values per side"):
+        significance.welch([1.0], B)
+
+
+def test_permutation_equals_scipys_exact_test_and_its_floor_with_three_seeds():
+    mean_diff = lambda x, y, axis: np.mean(x, axis=axis) - np.mean(y, axis=axis)  # noqa: E731
+    ref = stats.permutation_test((A, B), mean_diff, permutation_type="independent", n_resamples=np.inf,
+                                 alternative="two-sided")
+    assert significance.permutation(A, B) == pytest.approx(ref.pvalue)
+    assert significance.permutation([1, 2, 3], [10, 11, 12]) == pytest.approx(0.1)  # 2 of C(6, 3) = 20 splits
+
+
+def test_holm_by_hand():
+    # sorted 0.01, 0.02, 0.04 times 3, 2, 1 -> 0.03, 0.04, 0.04 (monotone), back in the given order
+    assert significance.holm([0.04, 0.01, 0.02]) == pytest.approx([0.04, 0.03, 0.04])
+    assert significance.holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])
+    assert significance.holm([0.001]) == pytest.approx([0.001])
