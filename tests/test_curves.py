@@ -16,7 +16,7 @@ def logged_keys(folder):
 
 def expected_titles(folder):
     keys, probe = logged_keys(folder)
-    return [title for k, title in curves.PANELS.items() if k in keys] + (["|grad| on G per term / the DM (or SiD) term's (probe)"] if probe else [])
+    return [title for k, title in curves.PANELS.items() if k in keys] + (["|grad| on G per term / the one-step loss's (probe)"] if probe else [])
 
 
 def test_each_stage_draws_the_panels_of_its_own_log(files, data, tmp_path):  # noqa: F811
