@@ -5,6 +5,7 @@ difference of means with a 95% interval and a p-value, corrected for the number 
 report (its family). Unlike a rule on the spread of single runs, a test gains power with seeds.
 
     welch(a, b)        -> (mean(a) - mean(b), (low, high), p)   two-sided, unequal variances
+    welch_from_stats((mean, std, n), (mean, std, n))        the same from summary statistics
     permutation(a, b)  -> p   exact, two-sided, on the difference of means (every relabelling)
     holm(ps)           -> adjusted p-values (reject where <= alpha): Holm's step-down, the family = ps
 """
@@ -14,18 +15,27 @@ import numpy as np
 from scipy import stats as st
 
 
+def welch_from_stats(a, b, level=0.95):
+    """welch() from each side's (mean, std with ddof 1, n), for results kept only as mean +- std. The
+    rounding of printed means and stds moves p a little: say so beside such a p."""
+    (ma, sa, na), (mb, sb, nb) = a, b
+    if min(na, nb) < 2:
+        raise ValueError(f"Welch's test needs 2 or more values per side, got n = {na} and {nb}")
+    va, vb = sa ** 2 / na, sb ** 2 / nb
+    diff, se = ma - mb, np.sqrt(va + vb)
+    if se == 0:
+        return float(diff), (float(diff), float(diff)), float(diff == 0)
+    dof = (va + vb) ** 2 / (va ** 2 / (na - 1) + vb ** 2 / (nb - 1))
+    half = st.t.ppf(0.5 + level / 2, dof) * se
+    return float(diff), (float(diff - half), float(diff + half)), float(2 * st.t.sf(abs(diff) / se, dof))
+
+
 def welch(a, b, level=0.95):
     """Welch's t-test on mean(a) - mean(b): -> (difference, (low, high) at `level`, two-sided p)."""
     a, b = np.asarray(a, float), np.asarray(b, float)
     if min(len(a), len(b)) < 2:
         raise ValueError(f"Welch's test needs 2 or more values per side, got {len(a)} and {len(b)}")
-    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
-    diff, se = a.mean() - b.mean(), np.sqrt(va + vb)
-    if se == 0:  # no spread at all: an interval of one point; p 1 where the means agree, else 0
-        return float(diff), (float(diff), float(diff)), float(diff == 0) * 1.0
-    dof = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
-    half = st.t.ppf(0.5 + level / 2, dof) * se
-    return float(diff), (float(diff - half), float(diff + half)), float(2 * st.t.sf(abs(diff) / se, dof))
+    return welch_from_stats((a.mean(), a.std(ddof=1), len(a)), (b.mean(), b.std(ddof=1), len(b)), level)
 
 
 def permutation(a, b):

@@ -23,6 +23,8 @@ def test_welch_equals_scipys_test_and_interval():
     assert significance.welch([1.0, 1.0], [1.0, 1.0])[2] == 1.0 and significance.welch([2.0, 2.0], [1.0, 1.0])[2] == 0.0
     with pytest.raises(ValueError, match="2 or more values per side"):
         significance.welch([1.0], B)
+    ref = stats.ttest_ind_from_stats(81.58, 2.76, 3, 69.07, 2.23, 3, equal_var=False)  # a table's mean +- std
+    assert significance.welch_from_stats((81.58, 2.76, 3), (69.07, 2.23, 3))[2] == pytest.approx(ref.pvalue, rel=1e-10)
 
 
 def test_permutation_equals_scipys_exact_test_and_its_floor_with_three_seeds():
