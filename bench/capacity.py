@@ -5,6 +5,8 @@
     python bench/capacity.py --quick    # the same pipeline in seconds (used by a test); its numbers mean nothing
     python bench/capacity.py --sizes 8 --ks 1 5 10 --stacked       # each cell's K students as one stacked run
     python bench/capacity.py --sizes 8 --ks 1 5 10 --shared-fake   # ... with one fake score for the K students
+    python bench/capacity.py --sizes 8 --ks 1 5 --pairs own --loss sid --budget 1500   # a cell at an imposed budget
+    python bench/capacity.py --sizes 8 --ks 1 5 --pairs own --seeds 20 21 22   # more seeds of a cell (3-19: left unused)
     python bench/capacity_ladder.py     # the final table and figure, from the results folders
 
 Each call writes bench/results/capacity/<name>/ (table.md, results.json, figure.png, run.json with the
@@ -146,6 +148,12 @@ def main(argv=None):
     p.add_argument("--loss", choices=("dm", "sid"), default="dm",
                    help="the students' loss (msd.py --loss): dm, or sid (SiD in DM's place; its own K = 1 curve and budget, "
                         "the same TSM starts); results in <name>_sid")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help=f"the seeds of every cell (default {list(FULL['seeds'])}; results in <name>_seeds...; seeds 3-19 "
+                        "are left unused by our studies, for replications by others)")
+    p.add_argument("--budget", type=int, default=None,
+                   help="an imposed budget: every student trains this many steps and no K = 1 curve runs (default: the "
+                        "curve rule); results in <name>_budget<steps>")
     p.add_argument("--shared-fake", action="store_true",
                    help="--stacked with one fake score per cell (msd.py --shared-fake), from the size's K = 1 TSM "
                         "student; results in <name>_shared")
@@ -156,6 +164,14 @@ def main(argv=None):
         if args.curve_iters < hp["every"] or args.curve_iters % hp["every"]:
             p.error(f"--curve-iters must be a positive multiple of {hp['every']}, got {args.curve_iters}")
         hp["curve_iters"] = args.curve_iters
+    if args.seeds is not None:
+        if len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
+            p.error(f"--seeds must be distinct non-negative seeds, got {args.seeds}")
+        hp["seeds"] = tuple(args.seeds)
+    if args.budget is not None:
+        if args.budget < 1:
+            p.error(f"--budget must be a positive number of steps, got {args.budget}")
+        hp["budget"] = args.budget
     for flag in ("sizes", "ks", "pairs"):  # a part of the study
         if getattr(args, flag) is not None:
             hp[flag] = subset(p, flag, getattr(args, flag), ALL_KS if flag == "ks" else hp[flag])
@@ -230,12 +246,15 @@ def main(argv=None):
         tsm_cost[key] = tsm_cost.get(key, 0) + t
     tsm_cost = {k: round(v) if v == v else v for k, v in tsm_cost.items()}  # nan: a reused run without a record
 
-    # the budget: K = 1, seed 0, FD to data every `every` steps
+    # the budget: K = 1, seed 0, FD to data every `every` steps (or --budget: imposed, no curve)
     curve_dirs = {size: curve_dir(args.out, size, hp["loss"]) for size in hp["sizes"]}
+    imposed = hp.get("budget")
     pool([(curve_job, (dm_args(size, 1, 0, 0, "all", curve_dirs[size], init[size, 1, 0]), hp["every"], hp["curve_iters"]))
-          for size in hp["sizes"]], hp["workers"])
-    steps, curves, budget = list(range(hp["every"], hp["curve_iters"] + 1, hp["every"])), {}, {}
-    for size in hp["sizes"]:
+          for size in hp["sizes"] if not imposed], hp["workers"])
+    steps, curves, budget = [] if imposed else list(range(hp["every"], hp["curve_iters"] + 1, hp["every"])), {}, {}
+    for size in hp["sizes"] if imposed else []:
+        budget[size] = imposed
+    for size in [] if imposed else hp["sizes"]:
         curves[size] = []
         for s in steps:
             x, y = route([curve_ckpt(curve_dirs[size], s)], seeds_eval, scratch)
@@ -254,7 +273,8 @@ def main(argv=None):
         for _, reg, seed, K in cells:
             reg_k = run_reg(reg, K)
             for k in range(K):
-                where[size, reg, seed, K, k] = student_ckpt(args.out, size, reg, seed, K, budget[size], k, hp["mode"], hp["loss"])
+                where[size, reg, seed, K, k] = student_ckpt(args.out, size, reg, seed, K, budget[size], k, hp["mode"], hp["loss"],
+                                                            curve=not imposed)
             if K > 1 and hp["mode"] != "separate":  # one stacked run writes the K students' folders p0 .. p{K-1}
                 out = os.path.dirname(os.path.dirname(where[size, reg, seed, K, 0]))
                 if out in queued:
@@ -268,7 +288,7 @@ def main(argv=None):
                 continue
             for k in range(K):
                 out = os.path.dirname(where[size, reg, seed, K, k])
-                if (K == 1 and seed == 0) or out in queued:  # the curve's run, or one another cell queued
+                if (K == 1 and seed == 0 and not imposed) or out in queued:  # the curve's run, or one another cell queued
                     continue
                 queued.add(out)
                 args_k = dm_args(size, K, k, seed, reg_k, out, init[size, K, k]) + ["--iters", str(budget[size])]
@@ -318,7 +338,9 @@ def results_name(hp):
     join = lambda v: "-".join(map(str, v))
     mode = "" if hp.get("mode", "separate") == "separate" else f"_{hp['mode']}"
     loss = "" if hp.get("loss", "dm") == "dm" else f"_{hp['loss']}"
-    return f"curve{hp['curve_iters']}_sizes{join(hp['sizes'])}_ks{join(ks)}_pairs{join(pairs)}{mode}{loss}"
+    seeds = "" if tuple(hp.get("seeds", FULL["seeds"])) in (FULL["seeds"], QUICK["seeds"]) else f"_seeds{join(hp['seeds'])}"
+    budget = f"_budget{hp['budget']}" if hp.get("budget") else ""
+    return f"curve{hp['curve_iters']}_sizes{join(hp['sizes'])}_ks{join(ks)}_pairs{join(pairs)}{mode}{loss}{seeds}{budget}"
 
 
 def run_reg(reg, K):
@@ -341,11 +363,12 @@ def curve_ckpt(curve, steps):
     return os.path.join(curve, f"student_{steps:06d}.pt")
 
 
-def student_ckpt(root, size, reg, seed, K, steps, k, mode="separate", loss="dm"):
-    """Checkpoint of student k of a grid cell; seed 0's single student is the K = 1 curve's run, stopped at `steps`.
+def student_ckpt(root, size, reg, seed, K, steps, k, mode="separate", loss="dm", curve=True):
+    """Checkpoint of student k of a grid cell; seed 0's single student is the K = 1 curve's run, stopped at `steps`
+    (curve=False, an imposed --budget: a run of its own).
     A K > 1 cell of --stacked or --shared-fake lives beside the separate runs' (reg_stacked, reg_shared); --loss
     sid's cells beside DM's (reg_sid, reg_stacked_sid)."""
-    if K == 1 and seed == 0:
+    if K == 1 and seed == 0 and curve:
         return curve_ckpt(curve_dir(root, size, loss), steps)
     reg = run_reg(reg, K) + ("" if K == 1 or mode == "separate" else f"_{mode}") + ("" if loss == "dm" else f"_{loss}")
     return os.path.join(root, f"c{size}", reg, f"seed{seed}", f"K{K}", f"s{steps}", f"p{k}", "student.pt")
@@ -451,14 +474,15 @@ def report(r):
                              f"{c[0]['images']:,d} | "
                              f"{np.mean(walls) if walls else float('nan'):.0f} | {verdict} |")
     fl, missing = r["floor"], [s for s in hp["sizes"] if s not in {x["size"] for x in rows}]
+    untimed = "" if hp.get("budget") else " (seed 0's K = 1 run is the curve run, not timed here)"
     lines += ["", f"mean ± std (ddof 1) over seeds {list(hp['seeds'])}; {hp['samples']} routed samples per run. Teacher: FD to "
               f"data {r['teacher']['fd_data']:.2f}, label accuracy {r['teacher']['acc']:.3f}, within-class pixel std "
               f"{np.mean(r['teacher']['class_std']):.1f} / {min(r['teacher']['class_std']):.1f}. Floors at {hp['samples']} "
               f"samples: teacher vs teacher {fl['fd_teacher']:.2f} (per partition {np.mean(fl['fd_blocks']):.2f}); 297 real "
-              f"training digits vs held-out {r['floor_data']:.2f}. Budgets (steps/student, from the K = 1 curves): "
+              f"training digits vs held-out {r['floor_data']:.2f}. Budgets (steps/student, "
+              f"{'imposed by --budget' if hp.get('budget') else 'from the K = 1 curves'}): "
               f"{r['budget']}. Per-partition FD: mean over the 5 blocks of 2 classes, to teacher samples of the block. "
-              f"CPU s: CPU seconds (one thread each) of the DM runs of one cell summed over its students (seed 0's K = 1 run is the curve "
-              f"run, not timed here); TSM s per (size, K), summed over partitions: {r['tsm_cost']}. "
+              f"CPU s: CPU seconds (one thread each) of the DM runs of one cell summed over its students{untimed}; TSM s per (size, K), summed over partitions: {r['tsm_cost']}. "
               f"Classifier test accuracy {r['clf_acc']:.3f}. Total {r['total_s']:.0f} s."
               + ("" if not missing else f" Not finished (no rows): sizes {missing}."), ""]
     return "\n".join(lines)
@@ -484,7 +508,7 @@ def figure(r, path, out, scratch):
     ax[0].axhline(r["floor_data"], ls="--", color="gray", lw=1, label="real vs held-out")
     ax[0].set_xscale("log"), ax[0].set_xlabel("parameters per student"), ax[0].set_ylabel("FD to held-out digits")
     ax[0].legend(fontsize=7)
-    for s in hp["sizes"]:
+    for s in [] if hp.get("budget") else hp["sizes"]:  # an imposed budget has no curve
         ax[1].plot(r["steps"], r["curves"][str(s)] if str(s) in r["curves"] else r["curves"][s], "o-", label=f"{s} ch")
         ax[1].axvline(r["budget"][s], ls=":", lw=1)
     ax[1].set_xlabel(f"{'SiD' if hp.get('loss') == 'sid' else 'DM'} steps (K = 1, seed 0)"), ax[1].set_ylabel("FD to held-out digits"), ax[1].legend(fontsize=7)
@@ -494,8 +518,8 @@ def figure(r, path, out, scratch):
         reg = "all" if any(x["reg"] == "all" and x["size"] == s for x in rows) else "own"
         names += [f"{s} ch K={K}" + (" own" if reg == "own" and K > 1 else "") for K in ks_at(hp, s)]
         for K in ks_at(hp, s):
-            ckpts = [student_ckpt(out, s, reg, 0, K, r["budget"][s], k, hp.get("mode", "separate"), hp.get("loss", "dm"))
-                     for k in range(K)]
+            ckpts = [student_ckpt(out, s, reg, hp["seeds"][0], K, r["budget"][s], k, hp.get("mode", "separate"),
+                                  hp.get("loss", "dm"), curve=not hp.get("budget")) for k in range(K)]
             x, y = route(ckpts, "300000-300499", scratch)
             row.append(torch.cat([torch.cat(list(x[y == c][:3, 0]), 1) for c in range(10)], 1))  # (8, 3 * 8 * 10)
         grid.append(torch.cat(row, 0))

@@ -117,6 +117,13 @@ def test_capacity_quick_pipeline(tmp_path, capsys):
     cfg = torch.load(found[0], weights_only=True)["config"]
     assert cfg["loss"] == "sid" and cfg["beta1"] == 0.0 and cfg["init"].endswith(os.path.join("K5p{k}", "student.pt"))
     assert r7["rows"][0]["fd_data"] != r4["rows"][0]["fd_data"]  # another run than DM's (the same seed would give the same)
+    # --budget: every student at the imposed steps, no curve (seed 0's K = 1 is a run of its own); --seeds: other seeds
+    r8 = cap.main(["--quick", "--sizes", "8", "--ks", "1", "5", "--pairs", "own", "--stacked", "--budget", "3", "--seeds", "20",
+                   "--out", str(tmp_path / "cap"), "--digits", str(tmp_path / "digits")])
+    assert cap.results_name(r8["hp"]).endswith("pairsown_stacked_seeds20_budget3") and r8["steps"] == []
+    assert [(x["seed"], x["K"], x["steps"]) for x in r8["rows"]] == [(20, 1, 3), (20, 5, 3)]
+    assert os.path.exists(tmp_path / "cap" / "c8" / "all" / "seed20" / "K1" / "s3" / "p0" / "student.pt")
+    assert "imposed by --budget" in cap.report(r8)
     # a folder's cells read back from its table (runs older than results.json) as from its rows, to the table's digits
     os.makedirs(tmp_path / "fold")
     (tmp_path / "fold" / "table.md").write_text(cap.report(r7))
@@ -131,7 +138,7 @@ def test_capacity_quick_pipeline(tmp_path, capsys):
             assert np.allclose(from_table["cells"][key][m][::2], c[m][::2], atol=0.05), (key, m)
     for bad in (["--curve-iters", "5"], ["--sizes", "12"], ["--sizes", "8", "8"], ["--ks", "2", "5"], ["--ks", "3"],
                 ["--ks", "10"], ["--ks", "1", "10", "10"], ["--pairs", "own", "--sizes", "32"],
-                ["--pairs", "own", "own"], ["--sizes", "32", "--ks", "1", "10"]):  # 5: not a multiple of 2; K = 1 is the baseline
+                ["--pairs", "own", "own"], ["--sizes", "32", "--ks", "1", "10"], ["--budget", "0"], ["--seeds", "1", "1"]):  # 5: not a multiple of 2; K = 1 is the baseline
         with pytest.raises(SystemExit) as e:
             cap.main(["--quick", *bad])
         assert e.value.code == 2, bad
