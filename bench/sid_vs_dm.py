@@ -4,6 +4,7 @@
     python bench/capacity.py --sizes 8 --ks 1 5 --stacked --loss sid   # the digits cells with SiD
     python bench/sid_vs_dm.py digits    # the digits table: SiD's cells against DM's, and one step's cost
     python bench/sid_vs_dm.py toy --quick   # the toy pipeline in seconds (a test); its numbers mean nothing
+    python bench/sid_vs_dm.py first-step --teacher T.pt --init TSM.pt --pairs pairs.npz   # SiD's first gradient
 
 The protocol was fixed in docs/sid.md before any run: the baseline's hyperparameters for both losses,
 SiD's own defaults for alpha, its noise levels, its fake score's and Adam's beta1; seeds 0, 1, 2; with
@@ -106,6 +107,23 @@ def toy(args):
         os.path.join(args.out, "s0", f"toy2d_{tag}.png") for tag in ("dmd", "sid")])
 
 
+# ----------------------------------------------------------------------------- SiD's gradient at the first step
+
+def first_step(args):
+    """|grad| on G of each weighted term (msd.grad_probe) before any update, at the digits' DM settings, with the
+    fake score started from G's start (msd.py's default in the dm stage) and from the teacher. -> {fake: [probes]}."""
+    import msd
+    out = {}
+    for name, fake in (("G's start", args.init), ("the teacher", args.teacher)):
+        argv = ["--teacher", args.teacher, "--init", args.init, "--fake-init", fake, "--pairs", args.pairs, "--batch", "32",
+                "--num-students", "1", "--lr", "2e-4", "--reg-loss", "mse", "--lambda-reg", "1", "--loss", "sid",
+                "--precision", "fp32", "--device", "cpu", "--out", os.path.join(args.out, "first_step"), "--iters", "1"]
+        r = msd.setup(msd.parse_args(argv))
+        out[name] = [msd.grad_probe(r, msd.draw_batch(r, step, 0)) for step in range(3)]  # the batches of steps 0, 1, 2
+        print(f"fake score from {name}: " + "; ".join(" ".join(f"{k} {v:.3g}" for k, v in p.items()) for p in out[name]))
+    return out
+
+
 # ----------------------------------------------------------------------------- the digits
 
 def digits_part(args):
@@ -158,14 +176,21 @@ def finish(args, part, table, data, figures=()):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("part", choices=("toy", "digits"))
+    p.add_argument("part", choices=("toy", "digits", "first-step"))
     p.add_argument("--quick", action="store_true", help="tiny settings (seconds): checks the pipeline; writes nothing")
     p.add_argument("--out", default=os.path.join(ROOT, "out", "sid_toy"), help="toy: working folder (finished runs reused)")
     p.add_argument("--dm", default=DIGITS_DM, help="digits: the DM cells' results folder (bench/capacity.py)")
     p.add_argument("--sid", default=DIGITS_SID, help="digits: the SiD cells' results folder (bench/capacity.py --loss sid)")
+    p.add_argument("--teacher", help="first-step: the teacher (bench/digits.py's teacher/student.pt)")
+    p.add_argument("--init", help="first-step: G's start (an 8-channel TSM student of bench/capacity.py)")
+    p.add_argument("--pairs", help="first-step: the paired set (bench/digits.py's pairs.npz)")
     p.add_argument("--report", default=REPORT, help="the report whose tables are rewritten between their markers")
     args = p.parse_args(argv)
     args.argv, args.t0 = argv, time.time()
+    if args.part == "first-step":
+        if not (args.teacher and args.init and args.pairs):
+            p.error("first-step needs --teacher, --init and --pairs")
+        return first_step(args)
     if args.part == "digits":
         for folder in (args.dm, args.sid):
             if not capacity.has_results(folder):
