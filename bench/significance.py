@@ -8,6 +8,8 @@ report (its family). Unlike a rule on the spread of single runs, a test gains po
     welch_from_stats((mean, std, n), (mean, std, n))        the same from summary statistics
     permutation(a, b)  -> p   exact, two-sided, on the difference of means (every relabelling)
     holm(ps)           -> adjusted p-values (reject where <= alpha): Holm's step-down, the family = ps
+    power(delta, sd, n, alpha)  -> the chance a two-sided t-test at alpha finds a true difference delta
+    seeds_for(delta, sd, alpha, target)  -> the seeds per side that reach `target` power
 """
 import itertools
 
@@ -61,3 +63,16 @@ def holm(ps):
         running = max(running, min(1.0, (len(ps) - i) * ps[j]))
         out[j] = running
     return out.tolist()
+
+
+def power(delta, sd, n, alpha=0.05):
+    """Power of the two-sided two-sample t-test with n values a side, equal std sd, a true difference delta
+    (noncentral t with 2n - 2 degrees of freedom; Welch's test with equal n and std is close to it)."""
+    dof, nc = 2 * n - 2, abs(delta) / (sd * np.sqrt(2 / n))
+    crit = st.t.ppf(1 - alpha / 2, dof)
+    return float(st.nct.sf(crit, dof, nc) + st.nct.cdf(-crit, dof, nc))
+
+
+def seeds_for(delta, sd, alpha=0.05, target=0.8, most=200):
+    """The smallest n a side whose power() reaches `target` (None beyond `most`)."""
+    return next((n for n in range(2, most + 1) if power(delta, sd, n, alpha) >= target), None)

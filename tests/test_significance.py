@@ -40,3 +40,14 @@ def test_holm_by_hand():
     assert significance.holm([0.04, 0.01, 0.02]) == pytest.approx([0.04, 0.03, 0.04])
     assert significance.holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])
     assert significance.holm([0.001]) == pytest.approx([0.001])
+
+
+def test_power_matches_a_simulation_and_grows_with_seeds():
+    rng = np.random.default_rng(0)
+    n, delta, sd, alpha = 5, 4.0, 3.0, 0.05
+    a, b = rng.normal(0, sd, (4000, n)), rng.normal(delta, sd, (4000, n))
+    hits = np.mean(stats.ttest_ind(a, b, axis=1).pvalue < alpha)
+    assert significance.power(delta, sd, n, alpha) == pytest.approx(hits, abs=0.03)
+    assert significance.power(delta, sd, 3) < significance.power(delta, sd, 6) < significance.power(delta, sd, 12)
+    n80 = significance.seeds_for(delta, sd)
+    assert significance.power(delta, sd, n80) >= 0.8 > significance.power(delta, sd, n80 - 1)
