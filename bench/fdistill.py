@@ -2,6 +2,7 @@
 
     python bench/fdistill.py            # the protocol of docs/fdistill.md (fixed there before any run)
     python bench/fdistill.py --quick    # the same pipeline in seconds (a test); its numbers mean nothing
+    python bench/fdistill.py --critic out/fdistill/adm_f/seed0/K1/p0   # a finished run's critic: logits, r and h
 
 The starting students are the capacity study's 8-channel DM students with own pairs (bench/capacity.py's
 recipe: TSM on each partition, then DM for the size's budget, 1,500 steps; seed 0), made here again in
@@ -44,7 +45,11 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny settings (seconds): checks the pipeline; its numbers mean nothing")
     p.add_argument("--out", default=os.path.join(ROOT, "out", "fdistill"), help="working folder (finished runs are reused)")
     p.add_argument("--digits", default=os.path.join(ROOT, "out", "digits"), help="bench/digits.py's folder (teacher, pairs, data)")
+    p.add_argument("--critic", default=None, help="a finished --loss f run's folder: print its critic's logits, r and h "
+                                                  "on the batches of its next 3 steps, and stop")
     args = p.parse_args(argv)
+    if args.critic:
+        return critic_spread(args.critic)
     hp = QUICK if args.quick else FULL
     t_start = time.time()
     j = lambda *a: os.path.join(args.out, *a)  # noqa: E731
@@ -125,6 +130,29 @@ def main(argv=None):
     else:
         print("--quick: a smoke test of the pipeline; the numbers above mean nothing at this size.")
     return result
+
+
+def critic_spread(folder, steps=3):
+    """The spread of a finished f-distill run's weights: its critic's logits, r and h(r) (fdistill.py) at G's
+    noised samples, on the batches of the steps after its last. -> [(logits, r, h) ranges]."""
+    import torch
+    import edm_unet
+    import fdistill
+    import msd
+    resume = sorted(f for f in os.listdir(folder) if f.startswith("resume-"))[-1]
+    cfg = msd.Config(**{**torch.load(os.path.join(folder, resume), weights_only=True)["config"], "resume": True})
+    r, out = msd.setup(cfg), []
+    for step in range(r.step, r.step + steps):
+        b = msd.draw_batch(r, step, 0)
+        with torch.no_grad():
+            x = edm_unet.OneStep(r.net)(b["z"], b["y"])
+            logits = r.critic(x + b["sigma"].view(-1, 1, 1, 1) * b["noise"], b["sigma"], b["y"])[1]
+            ratio = fdistill.density_ratio(logits)
+            h = fdistill.weights(ratio, fdistill.level_bin(b["sigma"], r.sigmas), cfg.f_div)
+        out.append([(float(v.min()), float(v.max())) for v in (logits, ratio, h)])
+        print(f"step {step}: logits {logits.min():.4f} .. {logits.max():.4f}, r {ratio.min():.4f} .. {ratio.max():.4f}, "
+              f"h ({cfg.f_div}) {h.min():.6f} .. {h.max():.6f}")
+    return out
 
 
 def marks():
