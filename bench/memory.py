@@ -137,8 +137,10 @@ def one_step(argv, rows, precision, device, count=False, fake_tensors=True, cuda
     try:
         with fake if fake_step else contextlib.nullcontext(), mode if count else contextlib.nullcontext():
             b = msd.draw_batch(r, 0, 0)
-            _, xs, _ = msd.update_generator(r, b)
-            if r.critic is not None:
+            if r.cfg.stage == "tsm":  # Stage 0: the student denoiser's step
+                msd.update_denoiser(r, b)
+            else:
+                _, xs, _ = msd.update_generator(r, b)
                 msd.update_fake_score(r, b, xs, 0)
     finally:
         runtime.real_batch, torch.nn.functional.group_norm = load, group_norm
