@@ -97,11 +97,9 @@ def main(argv=None):
 
     scratch = j(f"tmp_samples_{os.getpid()}")
 
-    def measure(ckpts):
-        x, y = capacity.route(ckpts, seeds_eval, scratch)
-        feats, logits = evaluate.features([(x, y)], clf, rgb=False)
-        return dict(fd_data=evaluate.frechet_distance(*evaluate.stats(feats), *ref),
-                    acc=float((logits.argmax(1) == y.numpy()).mean()))
+    def measure(ckpts):  # FD to the held-out digits and label accuracy of the routed students (digits.measure)
+        (fd,), acc = digits.measure(clf, *capacity.route(ckpts, seeds_eval, scratch), [ref])
+        return dict(fd_data=fd, acc=acc)
     start = {K: measure(dm_start[K]) for K in hp["ks"]}
     rows, i = [], 0
     for loss, _ in LOSSES:
