@@ -100,13 +100,27 @@ def measure(clf, images, labels, ref_stats):
     return [evaluate.frechet_distance(mu, sigma, *r) for r in ref_stats], acc
 
 
+def cpu_model():
+    """The CPU by model, not only by vendor: /proc/cpuinfo's name with its family, model and stepping (a
+    virtual machine may give "AMD EPYC" alone; family 25, model 1 is then Zen 3). '' where there is no cpuinfo."""
+    if not os.path.exists("/proc/cpuinfo"):
+        return ""
+    info = {}
+    for line in open("/proc/cpuinfo"):
+        if not line.strip():
+            break  # the first processor's block
+        key, _, value = line.partition(":")
+        info[key.strip()] = value.strip()
+    ids = ", ".join(f"{k} {info[k]}" for k in ("cpu family", "model", "stepping") if k in info)
+    return info.get("model name", "unknown") + (f" ({ids})" if ids else "")
+
+
 def save_run(folder, script, argv, seconds):
     """run.json beside a study's results: the command, commit, CPU, torch version and seconds that made them."""
     import platform
     import subprocess
     git = lambda *a: subprocess.run(["git", "-C", ROOT, *a], capture_output=True, text=True).stdout.strip()
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    cpu = cpu_model() or platform.processor()
     info = dict(command=" ".join(["python", script, *argv]), commit=git("rev-parse", "HEAD") + ("-dirty" if git("status", "--porcelain", "-uno") else ""),
                 cpu=f"{cpu}, {os.cpu_count()} cores", torch=torch.__version__, seconds=round(seconds),
                 date=time.strftime("%Y-%m-%d"))
