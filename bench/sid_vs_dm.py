@@ -20,6 +20,8 @@ import shutil
 import sys
 import time
 
+import numpy as np
+
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -37,6 +39,7 @@ DIGITS_DM = os.path.join(capacity.RESULTS, "curve1800_sizes8_ks1-2-5_pairsall-ow
 DIGITS_SID = os.path.join(capacity.RESULTS, "curve1800_sizes8_ks1-5_pairsall-own_stacked_sid")
 QUICK_TOY = ["--teacher-iters", "30", "--iters", "20", "--width", "16", "--depth", "2", "--batch", "16",
              "--eval-samples", "2000", "--teacher-steps", "4", "--num-pairs", "64"]
+ROUNDS = 7  # alternating timing rounds of one step per loss (median and range reported)
 ARCH = "model_channels={},img_resolution=8,attn_resolutions=(4,)"
 
 
@@ -129,11 +132,7 @@ def first_step(args):
 def digits_part(args):
     dm, sid = capacity.summarize(args.dm), capacity.summarize(args.sid)
     capacity.same_teacher(dm, sid)  # budgets may differ: each loss's own curve sets its own
-    cost = {}
-    for loss in ("dm", "sid"):  # one step of an 8-channel student at the study's batch, one thread
-        cost[loss] = dm_step.main(["--arch", ARCH.format(32), "--student-arch", ARCH.format(8), "--reg-loss", "mse",
-                                   "--batch", "32", "--threads", "1", "--steps", "3" if args.quick else "20",
-                                   "--loss", loss])["ms_per_iter"]
+    cost = step_costs(2 if args.quick else ROUNDS, 3 if args.quick else 20)
     lines = ["| pairs | K | loss | FD to data | FD to teacher | per-partition FD | within-class std (mean / lowest) | "
              "steps/student | K = 5 beats K = 1? (gap / 2 x pooled std) | SiD differs from DM? (SiD - DM / 2 x pooled std) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -154,9 +153,29 @@ def digits_part(args):
               f"each loss's own K = 1 curve and the 5% rule. DM: [its cells](../{os.path.relpath(args.dm, ROOT)}/table.md)"
               + (" (runs older than results.json: the rule on its table's 2-decimal means and stds); " if dm.get("rounded") else "; ") +
               f"SiD: [its cells](../{os.path.relpath(args.sid, ROOT)}/table.md). One training step of one student "
-              f"(batch 32, MSE regression, one thread, bench/dm_step.py): DM {cost['dm']:.1f} ms, SiD {cost['sid']:.1f} ms "
-              f"({cost['sid'] / cost['dm']:.2f}x).", ""]
+              f"(batch 32, MSE regression, one thread, bench/dm_step.py), median [min, max] of {len(cost['ratio'])} alternating "
+              f"rounds in this call, each the mean of {cost['steps']} steps after as many of warm-up: DM "
+              f"{spread(cost['dm'])} ms, SiD {spread(cost['sid'])} ms, SiD / DM within a round {spread(cost['ratio'], '.2f')}x "
+              f"({cost['cpu']}).", ""]
     return finish(args, "digits", "\n".join(lines), dict(dm=args.dm, sid=args.sid, step_ms=cost))
+
+
+def step_costs(rounds, steps):
+    """One training step of an 8-channel student (batch 32, MSE regression, one thread) with each loss, timed in
+    alternating rounds (DM then SiD, then SiD then DM, ...), so drift in the machine's speed falls on both.
+    -> {dm: [ms per round], sid: [...], ratio: [SiD / DM per round], steps, cpu}."""
+    cost = dict(dm=[], sid=[])
+    for r in range(rounds):
+        for loss in ("dm", "sid") if r % 2 == 0 else ("sid", "dm"):
+            cost[loss].append(dm_step.main(["--arch", ARCH.format(32), "--student-arch", ARCH.format(8), "--reg-loss", "mse",
+                                            "--batch", "32", "--threads", "1", "--steps", str(steps),
+                                            "--loss", loss])["ms_per_iter"])
+    return dict(cost, ratio=[s / d for s, d in zip(cost["sid"], cost["dm"])], steps=steps, cpu=digits.cpu_model() or "CPU")
+
+
+def spread(values, f=".1f"):
+    """'median [min, max]' of repeated timings."""
+    return f"{np.median(values):{f}} [{min(values):{f}}, {max(values):{f}}]"
 
 
 def finish(args, part, table, data, figures=()):

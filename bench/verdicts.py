@@ -29,6 +29,14 @@ SID_TOY = os.path.join(HERE, "results", "sid", "toy", "results.json")
 SID_DM = os.path.join(capacity.RESULTS, "curve1800_sizes8_ks1-2-5_pairsall-own")
 SID_SID = os.path.join(capacity.RESULTS, "curve1800_sizes8_ks1-5_pairsall-own_stacked_sid")
 MARKS = ("<!-- tests table: written by bench/verdicts.py -->", "<!-- end of the tests table -->")
+FOLLOW_MARKS = ("<!-- follow-up table: written by bench/verdicts.py -->", "<!-- end of the follow-up table -->")
+# the follow-ups fixed in docs/sid.md and docs/stack.md before their runs (bench/capacity.py's results names)
+SID_1500 = os.path.join(capacity.RESULTS, "curve1800_sizes8_ks1-5_pairsown_stacked_sid_budget1500")  # SiD at DM's budget
+DM_1050 = os.path.join(capacity.RESULTS, "curve1800_sizes8_ks1-5_pairsown_stacked_budget1050")  # DM at SiD's
+SID_SEEDS = os.path.join(capacity.RESULTS, "curve1800_sizes8_ks1-5_pairsown_stacked_sid_seeds20-21-22-23_budget1050")
+STACK_SEEDS = tuple(range(20, 28))
+STACK_SEP, STACK_SHR = (os.path.join(capacity.RESULTS, f"curve1800_sizes8_ks1-10_pairsown_{mode}_seeds"
+                                     f"{'-'.join(map(str, STACK_SEEDS))}_budget1500") for mode in ("stacked", "shared"))
 
 
 def seeds_of(folder, key):
@@ -41,8 +49,19 @@ def seeds_of(folder, key):
 
 
 def digits_cell(folder, key):
-    """(mean, std, n) of FD to data and the per-seed values (or None) of a capacity-style cell."""
+    """(mean, std, n) of FD to data and the per-seed values (or None) of a capacity-style cell; None where the
+    folder holds no results yet (a follow-up not run)."""
+    if not capacity.has_results(folder):
+        return None
     return capacity.summarize(folder)["cells"][key]["fd_data"], seeds_of(folder, key)
+
+
+def joined(*cells):
+    """One cell from several calls' seeds of it (None if any is missing): per-seed values where all kept them."""
+    if any(c is None for c in cells):
+        return None
+    kept = [c[1] for c in cells]
+    return significance.combine(*(c[0] for c in cells)), (sum(kept, []) if all(kept) else None)
 
 
 def toy_cell(loss, K):
@@ -85,36 +104,72 @@ def stack_comparisons():
     return c
 
 
-def table(comparisons, family):
-    """The tests table of one report: B minus A, its interval, Welch's p, Holm's p over the family, the rule."""
-    tests = [significance.welch_from_stats(b[0], a[0]) for _, a, b in comparisons]  # B - A
-    holm = significance.holm([t[2] for t in tests])
-    seeds = lambda cell: ", ".join(f"{v:.3g}" for v in cell[1]) if cell[1] else "not kept"  # noqa: E731
-    lines = ["| comparison (A, then B) | A per seed | B per seed | B - A | 95% interval | p (Welch) | p (Holm) | test at 0.05 | "
-             "pre-registered rule |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for (name, a, b), (diff, (lo, hi), p), ph in zip(comparisons, tests, holm):
-        gap, pooled, _ = capacity.decide_stats(a[0], b[0])  # A - B, as the rule reads it
-        rule = "yes" if abs(gap) > 2 * pooled else "no"
+def tests(comparisons):
+    """Welch's t on B - A for each comparison, and Holm's p over all of them; a comparison not run yet (a cell
+    None) gives None and counts at p = 1 in Holm's correction: the others' p can only fall when it runs."""
+    t = [significance.welch_from_stats(b[0], a[0]) if a and b else None for _, a, b in comparisons]
+    return t, significance.holm([x[2] if x else 1.0 for x in t])
+
+
+def table(comparisons, family, rule=True, rows=None):
+    """The tests table of a family: B minus A, its interval, Welch's p, Holm's p over the family, and the rule
+    each study fixed before its runs (rule=False for follow-ups, whose test was fixed instead). rows: the
+    indices of the comparisons to show (default all; Holm's p stays over the whole family)."""
+    results, holm = tests(comparisons)
+    seeds = lambda c: (", ".join(f"{v:.3g}" for v in c[1]) if c[1] else f"not kept (n = {c[0][2]})")  # noqa: E731
+    head = "| comparison (A, then B) | A per seed | B per seed | B - A | 95% interval | p (Welch) | p (Holm) | test at 0.05 |"
+    lines = [head + (" pre-registered rule |" if rule else ""), "| --- " * (8 + rule) + "|"]
+    for i in range(len(comparisons)) if rows is None else rows:
+        (name, a, b), res, ph = comparisons[i], results[i], holm[i]
+        if res is None:
+            lines.append(f"| {name} | " + " | ".join(["not run yet"] * (7 + rule)) + " |")
+            continue
+        diff, (lo, hi), p = res
         test = ("B lower" if diff < 0 else "B higher") if ph < 0.05 else "no difference found"
-        note = "" if (rule == "yes") == (ph < 0.05) else " (differs)"
-        lines.append(f"| {name} | {seeds(a)} | {seeds(b)} | {diff:+.2f} | [{lo:+.2f}, {hi:+.2f}] | {p:.3f} | {ph:.3f} | "
-                     f"{test} | {rule} ({abs(gap):.2f} / {2 * pooled:.2f}){note} |")
-    lines += ["", f"Lower is better (FD to held-out digits; toy: l1 to the teacher). Welch's t-test, two-sided, on B - A, "
-              f"3 seeds a side; \"not kept\": runs older than results.json, tested from their tables' 2-decimal mean ± "
-              f"std. p (Holm): Holm's correction over the {len(comparisons)} comparisons of {family}. The rule (fixed "
-              "before the runs): |gap| above twice the pooled std; \"differs\" marks where the test and the rule disagree."]
+        row = f"| {name} | {seeds(a)} | {seeds(b)} | {diff:+.2f} | [{lo:+.2f}, {hi:+.2f}] | {p:.3f} | {ph:.3f} | {test} |"
+        if rule:
+            gap, pooled, _ = capacity.decide_stats(a[0], b[0])  # A - B, as the rule reads it
+            word = "yes" if abs(gap) > 2 * pooled else "no"
+            row += f" {word} ({abs(gap):.2f} / {2 * pooled:.2f}){'' if (word == 'yes') == (ph < 0.05) else ' (differs)'} |"
+        lines.append(row)
+    lines += ["", f"Lower is better (FD to held-out digits; toy: l1 to the teacher). Welch's t-test, two-sided, on B - A; "
+              f"\"not kept\": runs older than results.json, tested from their tables' 2-decimal mean ± std (n seeds). "
+              f"p (Holm): Holm's correction over the {len(comparisons)} comparisons of {family}"
+              + ("; a comparison not run yet counts at p = 1 (the others' p can only fall when it runs)"
+                 if any(r is None for r in results) else "") + "."
+              + (" The rule (fixed before the runs): |gap| above twice the pooled std; \"differs\" marks where the "
+                 "test and the rule disagree." if rule else "")]
     return "\n".join(lines) + "\n"
 
 
+def followups():
+    """The follow-ups fixed before their runs (docs/sid.md and docs/stack.md), one family of six: SiD against DM
+    at each budget (K = 1 and own-pairs K = 5, 1,500 and 1,050 steps); SiD's K = 5 against K = 1 with own pairs
+    on seeds 0-2 and 20-23; one shared fake score against ten separate ones at K = 10, own pairs, seeds 0-2 and
+    20-27. The first four are in docs/sid.md's table, the last in docs/stack.md's."""
+    sid_own = lambda K: joined(digits_cell(SID_SID, (8, "own", K)), digits_cell(SID_SEEDS, (8, "own", K)))  # noqa: E731
+    return [("K = 1 at 1,500 steps: SiD against DM", digits_cell(SID_DM, (8, "all", 1)), digits_cell(SID_1500, (8, "own", 1))),
+            ("K = 5, own pairs, at 1,500 steps: SiD against DM", digits_cell(SID_DM, (8, "own", 5)),
+             digits_cell(SID_1500, (8, "own", 5))),
+            ("K = 1 at 1,050 steps: SiD against DM", digits_cell(DM_1050, (8, "own", 1)), digits_cell(SID_SID, (8, "all", 1))),
+            ("K = 5, own pairs, at 1,050 steps: SiD against DM", digits_cell(DM_1050, (8, "own", 5)),
+             digits_cell(SID_SID, (8, "own", 5))),
+            ("SiD, own pairs, 1,050 steps, seeds 0-2 and 20-23: K = 5 against K = 1", sid_own(1), sid_own(5)),
+            ("own pairs, K = 10, 1,500 steps, seeds 0-2 and 20-27: shared against separate",
+             joined(digits_cell(stack_quality.DRAWS_SEPARATE[1], (8, "own", 10)), digits_cell(STACK_SEP, (8, "own", 10))),
+             joined(digits_cell(stack_quality.DRAWS_SHARED, (8, "own", 10)), digits_cell(STACK_SHR, (8, "own", 10))))]
+
+
 def main(argv=None):
-    out = {}
-    for doc, comparisons, family in (("sid.md", sid_comparisons(), "this report"),
-                                     ("stack.md", stack_comparisons(), "this report")):
-        text = table(comparisons, family)
+    out, follow, family = {}, followups(), "the follow-ups (docs/sid.md's and docs/stack.md's, fixed before their runs)"
+    for doc, marks, text in (("sid.md", MARKS, table(sid_comparisons(), "this report")),
+                             ("stack.md", MARKS, table(stack_comparisons(), "this report")),
+                             ("sid.md", FOLLOW_MARKS, table(follow, family, rule=False, rows=range(5))),
+                             ("stack.md", FOLLOW_MARKS, table(follow, family, rule=False, rows=[5]))):
         print(f"{doc}:\n{text}")
         if argv != ["--print"]:
-            capacity_ladder.write_between_markers(os.path.join(ROOT, "docs", doc), text, *MARKS)
-        out[doc] = text
+            capacity_ladder.write_between_markers(os.path.join(ROOT, "docs", doc), text, *marks)
+        out[doc, marks[0]] = text
     return out
 
 
