@@ -7,7 +7,6 @@ report (its family). Unlike a rule on the spread of single runs, a test gains po
     welch(a, b)        -> (mean(a) - mean(b), (low, high), p)   two-sided, unequal variances
     welch_from_stats((mean, std, n), (mean, std, n))        the same from summary statistics
     permutation(a, b)  -> p   exact, two-sided, on the difference of means (every relabelling)
-    combine(*cells)    -> (mean, std, n) of the union of cells given as (mean, std, n)
     holm(ps)           -> adjusted p-values (reject where <= alpha): Holm's step-down, the family = ps
     power(delta, sd, n, alpha)  -> the chance a two-sided t-test at alpha finds a true difference delta
     seeds_for(delta, sd, alpha, target)  -> the seeds per side that reach `target` power
@@ -54,15 +53,6 @@ def permutation(a, b):
         diffs.append(pooled[mask].mean() - pooled[~mask].mean())
     diffs, eps = np.array(diffs), 1e-12 * max(1.0, abs(seen))
     return float(min(1.0, 2 * min((diffs >= seen - eps).mean(), (diffs <= seen + eps).mean())))
-
-
-def combine(*cells):
-    """The (mean, std with ddof 1, n) of the values of several cells together, from each cell's (mean, std, n):
-    for a cell kept only as mean +- std that gains seeds later. Exact for exact inputs."""
-    n = sum(c[2] for c in cells)
-    mean = sum(c[0] * c[2] for c in cells) / n
-    ss = sum((c[2] - 1) * c[1] ** 2 + c[2] * (c[0] - mean) ** 2 for c in cells)  # within + between sums of squares
-    return float(mean), float(np.sqrt(ss / (n - 1))), n
 
 
 def holm(ps):

@@ -42,14 +42,6 @@ def test_holm_by_hand():
     assert significance.holm([0.001]) == pytest.approx([0.001])
 
 
-def test_combine_equals_the_stats_of_the_joined_values():
-    joined = A + B + [60.0]
-    cells = [(np.mean(v), np.std(v, ddof=1) if len(v) > 1 else 0.0, len(v)) for v in (A, B, [60.0])]
-    mean, std, n = significance.combine(*cells)
-    assert n == 8 and mean == pytest.approx(np.mean(joined)) and std == pytest.approx(np.std(joined, ddof=1))
-    assert significance.combine(cells[0]) == pytest.approx(cells[0])
-
-
 def test_holm_is_monotone_so_an_unrun_comparison_counted_at_p_1_is_conservative():
     ps = [0.004, 0.03, 0.2]
     at_one = significance.holm(ps + [1.0])[:3]

@@ -31,12 +31,23 @@ def test_a_follow_up_not_run_shows_so_and_counts_at_p_1():
     assert "counts at p = 1" not in verdicts.table(comparisons[:2], "a family")
 
 
-def test_joined_cells_pool_the_seeds_of_two_calls():
-    first, later = ((1.0, 1.0, 3), [0.0, 1.0, 2.0]), ((5.0, 1.0, 2), [4.3, 5.7])
-    stats, values = verdicts.joined(first, later)
-    assert values == [0.0, 1.0, 2.0, 4.3, 5.7] and stats == pytest.approx(significance.combine(first[0], later[0]))
-    assert verdicts.joined(first, None) is None
-    assert verdicts.joined(((1.0, 1.0, 3), None), later)[1] is None  # one side kept only its mean +- std
+def test_a_follow_up_reads_the_seeds_it_names_and_refuses_another_teacher(tmp_path, monkeypatch):
+    import json
+    rows = [dict(size=8, reg="own", K=5, seed=s, fd_data=60.0 + s) for s in (0, 1, 2, 20, 21)]
+    for name, fd in (("a", 45.71), ("b", 44.66)):
+        (tmp_path / name).mkdir()
+        json.dump(dict(rows=[dict(r, fd_teacher=0, fd_blocks=[0], class_std=[0], wall=None) for r in rows],
+                       teacher=dict(fd_data=fd), budget={"8": 1050}, hp=dict(samples=10)), open(tmp_path / name / "results.json", "w"))
+    stats, values = verdicts.digits_cell(str(tmp_path / "a"), (8, "own", 5), (0, 1, 2))
+    assert values == [60.0, 61.0, 62.0] and stats == pytest.approx((61.0, 1.0, 3))
+    assert verdicts.digits_cell(str(tmp_path / "a"), (8, "own", 5))[1] == [60.0, 61.0, 62.0, 80.0, 81.0]
+    with pytest.raises(ValueError, match="has 3 of the seeds"):
+        verdicts.digits_cell(str(tmp_path / "a"), (8, "own", 5), (0, 1, 3, 20))
+    assert verdicts.digits_cell(str(tmp_path / "none"), (8, "own", 5)) is None
+    monkeypatch.setattr(verdicts, "DM_1050", str(tmp_path / "a"))
+    monkeypatch.setattr(verdicts, "DM_1500", str(tmp_path / "b"))
+    with pytest.raises(ValueError, match="different teachers"):
+        verdicts.followups()
 
 
 def test_step_costs_alternate_the_losses_round_by_round(monkeypatch):
