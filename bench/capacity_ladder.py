@@ -24,8 +24,9 @@ sys.path.insert(0, HERE)
 import capacity  # noqa: E402  (the study: its student sizes)
 import significance  # noqa: E402  (Welch's test, Holm's correction)
 
-TABLES = sorted(t for t in glob.glob(os.path.join(HERE, "results", "capacity", "curve1800_*", "table.md"))
-                if not t.endswith(("_stacked/table.md", "_shared/table.md", "_sid/table.md")))  # docs/stack.md, docs/sid.md
+TABLES = sorted(t for t in glob.glob(os.path.join(HERE, "results", "capacity", "curve1800_*", "table.md"))  # the study's own:
+                if not any(m in os.path.basename(os.path.dirname(t))  # not docs/stack.md's, docs/sid.md's, nor the follow-ups'
+                           for m in ("_stacked", "_shared", "_sid", "_seeds", "_budget")))
 REPORTS = [os.path.join(os.path.dirname(HERE), *p) for p in (("docs", "capacity.md"), ("README.md",))]
 BEGIN, END = "<!-- final table: written by bench/capacity_ladder.py -->", "<!-- end of the final table -->"
 

@@ -126,7 +126,7 @@ def table(comparisons, family, rule=True, rows=None):
             continue
         diff, (lo, hi), p = res
         test = ("B lower" if diff < 0 else "B higher") if ph < 0.05 else "no difference found"
-        row = f"| {name} | {seeds(a)} | {seeds(b)} | {diff:+.2f} | [{lo:+.2f}, {hi:+.2f}] | {p:.3f} | {ph:.3f} | {test} |"
+        row = f"| {name} | {seeds(a)} | {seeds(b)} | {diff:+.2f} | [{lo:+.2f}, {hi:+.2f}] | {pval(p)} | {pval(ph)} | {test} |"
         if rule:
             gap, pooled, _ = capacity.decide_stats(a[0], b[0])  # A - B, as the rule reads it
             word = "yes" if abs(gap) > 2 * pooled else "no"
@@ -140,6 +140,11 @@ def table(comparisons, family, rule=True, rows=None):
               + (" The rule (fixed before the runs): |gap| above twice the pooled std; \"differs\" marks where the "
                  "test and the rule disagree." if rule else "")]
     return "\n".join(lines) + "\n"
+
+
+def pval(p):
+    """A p-value as printed: 3 decimals, or 2 significant digits below 0.001."""
+    return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
 
 
 def followups():
