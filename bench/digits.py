@@ -100,19 +100,24 @@ def measure(clf, images, labels, ref_stats):
     return [evaluate.frechet_distance(mu, sigma, *r) for r in ref_stats], acc
 
 
-def cpu_model():
-    """The CPU by model, not only by vendor: /proc/cpuinfo's name with its family, model and stepping (a
-    virtual machine may give "AMD EPYC" alone; family 25, model 1 is then Zen 3). '' where there is no cpuinfo."""
-    if not os.path.exists("/proc/cpuinfo"):
-        return ""
+def cpu_info():
+    """/proc/cpuinfo's fields of the first processor ({} where there is no cpuinfo)."""
     info = {}
-    for line in open("/proc/cpuinfo"):
-        if not line.strip():
-            break  # the first processor's block
-        key, _, value = line.partition(":")
-        info[key.strip()] = value.strip()
+    if os.path.exists("/proc/cpuinfo"):
+        for line in open("/proc/cpuinfo"):
+            if not line.strip():
+                break  # the end of the first processor's block
+            key, _, value = line.partition(":")
+            info[key.strip()] = value.strip()
+    return info
+
+
+def cpu_model():
+    """The CPU by model, not only by vendor: its name with its family, model and stepping (a virtual machine may
+    give "AMD EPYC" alone; family 25, model 1 is then Zen 3). '' where there is no cpuinfo."""
+    info = cpu_info()
     ids = ", ".join(f"{k} {info[k]}" for k in ("cpu family", "model", "stepping") if k in info)
-    return info.get("model name", "unknown") + (f" ({ids})" if ids else "")
+    return (info.get("model name", "unknown") + (f" ({ids})" if ids else "")) if info else ""
 
 
 def save_run(folder, script, argv, seconds):

@@ -599,8 +599,8 @@ def main(argv=None):
     if args.device == "cuda":
         name = torch.cuda.get_device_name(0)
     else:
-        name = "cpu-" + next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                              if line.startswith("model name")), "unknown") if os.path.exists("/proc/cpuinfo") else "cpu"
+        cpu = digits.cpu_info()
+        name = "cpu-" + cpu.get("model name", "unknown") if cpu else "cpu"
     out = args.out or os.path.join(ROOT, "bench", "results", "gpu", re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-"))
     info = digits.save_run(out, "bench/gpu_check.py", argv if argv is not None else sys.argv[1:], 0)  # command, commit, CPU
     info.update(device=name, gpus=torch.cuda.device_count() if args.device == "cuda" else 0,

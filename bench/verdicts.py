@@ -152,15 +152,15 @@ def followups():
     SiD against DM at each budget (K = 1 and own-pairs K = 5, 1,500 and 1,050 steps, seeds 0-2); SiD's K = 5
     against K = 1 with own pairs on seeds 0-2 and 20-23; one shared fake score against ten separate ones at
     K = 10, own pairs, seeds 0-2 and 20-27. The first five are in docs/sid.md's table, the last in docs/stack.md's."""
-    done = [f for f in (DM_1050, DM_1500, SID_1050, SID_1500, STACK_SEP, STACK_SHR) if capacity.has_results(f)]
-    for f in done[1:]:  # FDs of different teachers (or classifiers) do not compare
-        capacity.same_teacher(capacity.summarize(done[0]), capacity.summarize(f))
-    first = SID_SEEDS[:3]
+    done = [capacity.summarize(f) for f in (DM_1050, DM_1500, SID_1050, SID_1500, STACK_SEP, STACK_SHR)
+            if capacity.has_results(f)]
+    for r in done[1:]:  # FDs of different teachers (or classifiers) do not compare
+        capacity.same_teacher(done[0], r)
     c = []
-    for steps, dm, sid in ((1500, DM_1500, SID_1500), (1050, DM_1050, SID_1050)):
+    for steps, dm, sid, sid_seeds in ((1500, DM_1500, SID_1500, None), (1050, DM_1050, SID_1050, SID_SEEDS[:3])):
         for K in (1, 5):
             c.append((f"K = {K}{', own pairs' if K > 1 else ''}, {steps:,} steps: SiD against DM",
-                      digits_cell(dm, (8, "own", K)), digits_cell(sid, (8, "own", K), first if sid == SID_1050 else None)))
+                      digits_cell(dm, (8, "own", K)), digits_cell(sid, (8, "own", K), sid_seeds)))
     c.append(("SiD, own pairs, 1,050 steps, seeds 0-2 and 20-23: K = 5 against K = 1", digits_cell(SID_1050, (8, "own", 1)),
               digits_cell(SID_1050, (8, "own", 5))))
     c.append(("own pairs, K = 10, 1,500 steps, seeds 0-2 and 20-27: shared against separate",
