@@ -22,7 +22,6 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import capacity  # noqa: E402  (the study: its student sizes)
-import significance  # noqa: E402  (Welch's test, Holm's correction)
 
 TABLES = sorted(t for t in glob.glob(os.path.join(HERE, "results", "capacity", "curve1800_*", "table.md"))  # the study's own:
                 if not any(m in os.path.basename(os.path.dirname(t))  # not docs/stack.md's, docs/sid.md's, nor the follow-ups'
@@ -56,9 +55,9 @@ def read(path):
 VERDICTS, STEPS = {}, {}
 
 
-def final_table(cells, paths, base, with_tests=True):
-    """The final table in markdown: one row per (size, filter), FD to data per K with the rule's verdict
-    [, then each verdict as a test: tests_table]."""
+def final_table(cells, paths, base):
+    """The final table in markdown: one row per (size, filter), FD to data per K with the rule's verdict (each
+    verdict as a test: bench/verdicts.py, under the table in docs/capacity.md)."""
     ks = sorted({k for _, _, k in cells})
     lines = ["| size (params per student), steps | filter | " + " | ".join(f"K = {k}" for k in ks) + " |",
              "| --- | --- | " + " | ".join("---" for _ in ks) + " |"]
@@ -81,29 +80,7 @@ def final_table(cells, paths, base, with_tests=True):
     lines += ["", "FD to the 297 held-out digits, mean ± std over DM seeds 0, 1, 2, 5,000 routed samples per run; "
               "\"yes/no (gap / 2 x pooled std)\" after a cell is the fixed rule against K = 1 of the same size and filter (a K = 1 "
               f"student owns every pair, so both filters share it). From: {src}."]
-    return "\n".join(lines + ([""] + tests_table(cells) if with_tests else []))
-
-
-def tests_table(cells, n=3):
-    """Every "K beats 1" of the final table as a test: Welch's t (two-sided) on the tables' mean +- std
-    (n seeds each; the tables keep no per-seed values), Holm's correction over all of them (the family:
-    this table), beside the pre-registered rule's word."""
-    pairs = [((size, reg, k), (size, reg, 1) if (size, reg, 1) in cells else (size, "all", 1))
-             for size, reg, k in sorted(cells) if k > 1]
-    tests = [significance.welch_from_stats((*cells[one], n), (*cells[key], n)) for key, one in pairs]
-    holm = significance.holm([t[2] for t in tests])
-    lines = ["| size, filter, K | K = 1 minus K (FD) | 95% interval | p (Welch) | p (Holm) | test at 0.05 | pre-registered rule |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    for ((size, reg, k), _), (diff, (lo, hi), p), ph in zip(pairs, tests, holm):
-        rule = VERDICTS.get((size, reg, k), "?").split(" ")[0]
-        word = ("K better" if diff > 0 else "K worse") if ph < 0.05 else "no difference found"
-        note = "" if (rule == "yes") == (word == "K better") else " (differs)"
-        lines.append(f"| {size} ch, {'F_DM' if reg == 'all' else 'own'}, {k} | {diff:+.2f} | [{lo:+.2f}, {hi:+.2f}] | {p:.3f} | "
-                     f"{ph:.3f} | {word} | {rule}{note} |")
-    return lines + ["", f"Each test: Welch's t-test, two-sided, from the cells' mean ± std (ddof 1) over {n} seeds, as the "
-                        "tables print them (2 decimals; the per-seed FDs of these runs were not kept); p (Holm): Holm's "
-                        f"correction over the {len(pairs)} comparisons of this table. The rule (a gap above twice the pooled "
-                        "std) was fixed before the runs; \"differs\" marks where the test and the rule disagree."]
+    return "\n".join(lines)
 
 
 def write_between_markers(path, text, begin=BEGIN, end=END):
@@ -176,7 +153,7 @@ def main(argv=None):
     shown = {key: v for key, v in cells.items() if key[1] in args.pairs}
     for path in args.reports:
         base = os.path.relpath(os.path.join(HERE, "results", "capacity"), os.path.dirname(os.path.abspath(path)))
-        write_between_markers(path, final_table(shown, args.tables, base, with_tests=not path.endswith("README.md")))
+        write_between_markers(path, final_table(shown, args.tables, base))
         print(f"wrote the final table into {path}")
     print(final_table(shown, args.tables, os.path.join(HERE, "results", "capacity")))
     return cells

@@ -1,6 +1,7 @@
-"""Every verdict of docs/sid.md and docs/stack.md as a test, beside the rule each study fixed beforehand.
+"""Every verdict of docs/capacity.md, docs/sid.md and docs/stack.md as a test, beside the rule each study fixed
+beforehand.
 
-    python bench/verdicts.py      # the tests tables of docs/sid.md and docs/stack.md, from the committed results
+    python bench/verdicts.py      # the tests tables of the three reports, from the committed results
 
 The studies decided "A beats B" by a rule fixed before their runs: the gap of the means above twice the
 pooled std of the single runs. That rule cannot gain power with seeds (it compares the gap with the
@@ -9,7 +10,8 @@ the difference of the means with its 95% interval and Welch's two-sided p (bench
 Holm's correction within each report (the family: every comparison of that report listed here). The
 per-seed values are shown where the results kept them (results.json); cells of runs older than
 results.json are read from their tables' 2-decimal mean +- std. Nothing is re-run: the inputs are the
-committed results folders, and the rule's word is recomputed from the same numbers.
+committed results folders, and the rule's word is recomputed from the same numbers (docs/capacity.md's is
+the word its tables recorded: that rule was one-sided, "K beats K = 1").
 """
 import json
 import os
@@ -70,6 +72,20 @@ def toy_cell(loss, K):
     return capacity.stat(v), v
 
 
+def capacity_comparisons():
+    """docs/capacity.md: each K > 1 cell of the final table (B) against K = 1 of its size (A); a K = 1 student owns
+    every pair, so both filters share it. The tables keep mean +- std over seeds 0-2, not the seeds; the fourth
+    item is the rule's word as the tables recorded it."""
+    cells = capacity_ladder.merge(capacity_ladder.TABLES)[0]
+    cell = lambda key: ((*cells[key], 3), None)  # noqa: E731
+    c = []
+    for size, reg, K in sorted(key for key in cells if key[2] > 1):
+        one = (size, reg, 1) if (size, reg, 1) in cells else (size, "all", 1)
+        c.append((f"{size} ch, {'F_DM' if reg == 'all' else 'own pairs'}: K = {K} against K = 1", cell(one),
+                  cell((size, reg, K)), capacity_ladder.VERDICTS[size, reg, K]))
+    return c
+
+
 def sid_comparisons():
     """docs/sid.md: (name, A, B) where the question is whether B is below (better than) A or differs from it."""
     c = [("toy, DM: K = 8 against K = 1 (l1)", toy_cell("dm", 1), toy_cell("dm", 8)),
@@ -107,7 +123,7 @@ def stack_comparisons():
 def tests(comparisons):
     """Welch's t on B - A for each comparison, and Holm's p over all of them; a comparison not run yet (a cell
     None) gives None and counts at p = 1 in Holm's correction: the others' p can only fall when it runs."""
-    t = [significance.welch_from_stats(b[0], a[0]) if a and b else None for _, a, b in comparisons]
+    t = [significance.welch_from_stats(c[2][0], c[1][0]) if c[1] and c[2] else None for c in comparisons]
     return t, significance.holm([x[2] if x else 1.0 for x in t])
 
 
@@ -116,11 +132,13 @@ def table(comparisons, family, rule=True, rows=None):
     each study fixed before its runs (rule=False for follow-ups, whose test was fixed instead). rows: the
     indices of the comparisons to show (default all; Holm's p stays over the whole family)."""
     results, holm = tests(comparisons)
+    two_sided = "|gap| above twice the pooled std"
+    recorded = "\"yes\" where A's mean minus B's is above twice the pooled std (one-sided), the word the tables recorded"
     seeds = lambda c: (", ".join(f"{v:.3g}" for v in c[1]) if c[1] else f"not kept (n = {c[0][2]})")  # noqa: E731
     head = "| comparison (A, then B) | A per seed | B per seed | B - A | 95% interval | p (Welch) | p (Holm) | test at 0.05 |"
     lines = [head + (" pre-registered rule |" if rule else ""), "| --- " * (8 + rule) + "|"]
     for i in range(len(comparisons)) if rows is None else rows:
-        (name, a, b), res, ph = comparisons[i], results[i], holm[i]
+        (name, a, b), res, ph = comparisons[i][:3], results[i], holm[i]
         if res is None:
             lines.append(f"| {name} | " + " | ".join(["not run yet"] * (7 + rule)) + " |")
             continue
@@ -129,16 +147,17 @@ def table(comparisons, family, rule=True, rows=None):
         row = f"| {name} | {seeds(a)} | {seeds(b)} | {diff:+.2f} | [{lo:+.2f}, {hi:+.2f}] | {pval(p)} | {pval(ph)} | {test} |"
         if rule:
             gap, pooled, _ = capacity.decide_stats(a[0], b[0])  # A - B, as the rule reads it
-            word = "yes" if abs(gap) > 2 * pooled else "no"
-            row += f" {word} ({abs(gap):.2f} / {2 * pooled:.2f}){'' if (word == 'yes') == (ph < 0.05) else ' (differs)'} |"
+            said = f"{'yes' if abs(gap) > 2 * pooled else 'no'} ({abs(gap):.2f} / {2 * pooled:.2f})"
+            said = comparisons[i][3] if len(comparisons[i]) > 3 else said  # the word the study recorded, if given
+            row += f" {said}{'' if said.startswith('yes') == (ph < 0.05) else ' (differs)'} |"
         lines.append(row)
     lines += ["", f"Lower is better (FD to held-out digits; toy: l1 to the teacher). Welch's t-test, two-sided, on B - A; "
               f"\"not kept\": runs older than results.json, tested from their tables' 2-decimal mean ± std (n seeds). "
               f"p (Holm): Holm's correction over the {len(comparisons)} comparisons of {family}"
               + ("; a comparison not run yet counts at p = 1 (the others' p can only fall when it runs)"
                  if any(r is None for r in results) else "") + "."
-              + (" The rule (fixed before the runs): |gap| above twice the pooled std; \"differs\" marks where the "
-                 "test and the rule disagree." if rule else "")]
+              + (f" The rule (fixed before the runs): {recorded if any(len(c) > 3 for c in comparisons) else two_sided}; "
+                 "\"differs\" marks where the test and the rule disagree." if rule else "")]
     return "\n".join(lines) + "\n"
 
 
@@ -170,7 +189,8 @@ def followups():
 
 def main(argv=None):
     out, follow, family = {}, followups(), "the follow-ups (docs/sid.md's and docs/stack.md's, fixed before their runs)"
-    for doc, marks, text in (("sid.md", MARKS, table(sid_comparisons(), "this report")),
+    for doc, marks, text in (("capacity.md", MARKS, table(capacity_comparisons(), "this report")),
+                             ("sid.md", MARKS, table(sid_comparisons(), "this report")),
                              ("stack.md", MARKS, table(stack_comparisons(), "this report")),
                              ("sid.md", FOLLOW_MARKS, table(follow, family, rule=False, rows=range(5))),
                              ("stack.md", FOLLOW_MARKS, table(follow, family, rule=False, rows=[5]))):
