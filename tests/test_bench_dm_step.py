@@ -47,3 +47,16 @@ def test_stack_memory_counts_parameters_and_adamw_state():
     assert xs["generators"] == xs["fakes"] == 4 * 85_943_555 * 12 / 2 ** 30 and xs["shared"] == xs["fakes"] / 4
     adm = [r for r in rows if r["student"] == "XXS" and "teacher" in r["start"]][0]
     assert adm["fakes"] == 4 * 295_899_267 * 12 / 2 ** 30  # the ADM stage's fake scores start from the teacher B
+
+
+def test_bench_scripts_import_the_root_modules_when_run_as_scripts():
+    """bench/ sits first on a bench script's path, so a bench module named like a root one (bench/fdistill.py
+    once) is imported by msd.py in its place; run as a user runs them, the scripts start."""
+    import subprocess
+    import sys
+    root = {f for f in os.listdir(ROOT) if f.endswith(".py")}
+    assert not root & set(os.listdir(os.path.join(ROOT, "bench")))
+    for script in ("dm_step.py", "memory.py"):
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", script), "--help"], capture_output=True,
+                              text=True, timeout=300, cwd=ROOT)
+        assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr[-2000:]

@@ -1,8 +1,8 @@
 """f-distill against DM in the ADM stage, one and five students on the digits (docs/fdistill.md).
 
-    python bench/fdistill.py            # the protocol of docs/fdistill.md (fixed there before any run)
-    python bench/fdistill.py --quick    # the same pipeline in seconds (a test); its numbers mean nothing
-    python bench/fdistill.py --critic out/fdistill/adm_f/seed0/K1/p0   # a finished run's critic: logits, r and h
+    python bench/fdistill_vs_dm.py            # the protocol of docs/fdistill.md (fixed there before any run)
+    python bench/fdistill_vs_dm.py --quick    # the same pipeline in seconds (a test); its numbers mean nothing
+    python bench/fdistill_vs_dm.py --critic out/fdistill/adm_f/seed0/K1/p0   # a finished run's critic: logits, r and h
 
 The starting students are the capacity study's 8-channel DM students with own pairs (bench/capacity.py's
 recipe: TSM on each partition, then DM for the size's budget, 1,500 steps; seed 0), made here again in
@@ -123,7 +123,7 @@ def main(argv=None):
     print(table, flush=True)
     if not args.quick:
         digits.save_results(RESULTS, table, result)
-        digits.save_run(RESULTS, "bench/fdistill.py", argv if argv is not None else sys.argv[1:], time.time() - t_start)
+        digits.save_run(RESULTS, "bench/fdistill_vs_dm.py", argv if argv is not None else sys.argv[1:], time.time() - t_start)
         capacity_ladder.write_between_markers(REPORT, table, *marks())
     else:
         print("--quick: a smoke test of the pipeline; the numbers above mean nothing at this size.")
@@ -154,7 +154,7 @@ def critic_spread(folder, steps=3):
 
 
 def marks():
-    return "<!-- fdistill table: written by bench/fdistill.py -->", "<!-- end of the fdistill table -->"
+    return "<!-- fdistill table: written by bench/fdistill_vs_dm.py -->", "<!-- end of the fdistill table -->"
 
 
 def report(r):
