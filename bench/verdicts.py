@@ -1,7 +1,8 @@
 """Every verdict of docs/capacity.md, docs/sid.md and docs/stack.md as a test, beside the rule each study fixed
 beforehand.
 
-    python bench/verdicts.py      # the tests tables of the three reports, from the committed results
+    python bench/verdicts.py           # the tests tables of the three reports, from the committed results
+    python bench/verdicts.py --print   # the same tables, printed only
 
 The studies decided "A beats B" by a rule fixed before their runs: the gap of the means above twice the
 pooled std of the single runs. That rule cannot gain power with seeds (it compares the gap with the
@@ -13,6 +14,7 @@ results.json are read from their tables' 2-decimal mean +- std. Nothing is re-ru
 committed results folders, and the rule's word is recomputed from the same numbers (docs/capacity.md's is
 the word its tables recorded: that rule was one-sided, "K beats K = 1").
 """
+import argparse
 import json
 import os
 import sys
@@ -188,6 +190,9 @@ def followups():
 
 
 def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--print", action="store_true", help="print the tables only; leave the reports as they are")
+    args = p.parse_args(argv)
     out, follow, family = {}, followups(), "the follow-ups (docs/sid.md's and docs/stack.md's, fixed before their runs)"
     for doc, marks, text in (("capacity.md", MARKS, table(capacity_comparisons(), "this report")),
                              ("sid.md", MARKS, table(sid_comparisons(), "this report")),
@@ -195,11 +200,11 @@ def main(argv=None):
                              ("sid.md", FOLLOW_MARKS, table(follow, family, rule=False, rows=range(5))),
                              ("stack.md", FOLLOW_MARKS, table(follow, family, rule=False, rows=[5]))):
         print(f"{doc}:\n{text}")
-        if argv != ["--print"]:
+        if not args.print:
             capacity_ladder.write_between_markers(os.path.join(ROOT, "docs", doc), text, *marks)
         out[doc, marks[0]] = text
     return out
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()
