@@ -41,7 +41,10 @@ SID_SEEDS, STACK_SEEDS = (0, 1, 2, 20, 21, 22, 23), (0, 1, 2, *range(20, 28))
 DM_1050, DM_1500 = FOLLOW("5_pairsown_stacked_budget1050"), FOLLOW("5_pairsown_stacked_budget1500")
 SID_1050 = FOLLOW(f"5_pairsown_stacked_sid_seeds{'-'.join(map(str, SID_SEEDS))}_budget1050")
 SID_1500 = FOLLOW("5_pairsown_stacked_sid_budget1500")
-STACK_SEP, STACK_SHR = (FOLLOW(f"10_pairsown_{mode}_seeds{'-'.join(map(str, STACK_SEEDS))}_budget1500")
+# the shared fake score's follow-up, each of its two commands run as calls of at most two seeds (the same runs; a
+# finished call's results are kept even when the machine's working folder is lost): its parts, pooled by seed
+STACK_PARTS = ((0, 1), (2, 20), (21, 22), (23, 24), (25, 26), (27,))
+STACK_SEP, STACK_SHR = ([FOLLOW(f"10_pairsown_{mode}_seeds{'-'.join(map(str, s))}_budget1500") for s in STACK_PARTS]
                         for mode in ("stacked", "shared"))
 
 
@@ -66,6 +69,30 @@ def digits_cell(folder, key, seeds=None):
     if len(values) != len(seeds):
         raise ValueError(f"{folder}: cell {key} has {len(values)} of the seeds {list(seeds)}")
     return capacity.stat(values), values
+
+
+def pooled_cell(folders, key, seeds):
+    """A cell run as several calls split by seed (the same runs as one call): (mean, std, n) and the per-seed values
+    over `seeds`, pooled from the folders; None before any part has run; while some seeds are missing, a line that
+    says how many have run and nothing of their values (a test read before all its seeds would be a look at the
+    data the protocol did not fix)."""
+    done = [f for f in folders if capacity.has_results(f)]
+    if not done:
+        return None
+    first = capacity.summarize(done[0])
+    for f in done[1:]:
+        r = capacity.summarize(f)
+        capacity.same_teacher(first, r)
+        if r["budget"] != first["budget"]:
+            raise ValueError(f"{f}: budget {r['budget']}, not {first['budget']} as in {done[0]}")
+    rows = sorted((x["seed"], x["fd_data"]) for f in done for x in json.load(open(os.path.join(f, "results.json")))["rows"]
+                  if (x["size"], x["reg"], x["K"]) == key)
+    got = [s for s, _ in rows]
+    if len(set(got)) != len(got) or not set(got) <= set(seeds):
+        raise ValueError(f"cell {key}: the parts hold seeds {got}, expected each of {list(seeds)} once")
+    if len(got) < len(seeds):
+        return f"{len(got)} of {len(seeds)} seeds run (values shown when all are)"
+    return capacity.stat([v for _, v in rows]), [v for _, v in rows]
 
 
 def toy_cell(loss, K):
@@ -125,7 +152,8 @@ def stack_comparisons():
 def tests(comparisons):
     """Welch's t on B - A for each comparison, and Holm's p over all of them; a comparison not run yet (a cell
     None) gives None and counts at p = 1 in Holm's correction: the others' p can only fall when it runs."""
-    t = [significance.welch_from_stats(c[2][0], c[1][0]) if c[1] and c[2] else None for c in comparisons]
+    ran = lambda cell: isinstance(cell, tuple)  # noqa: E731  (None: not run; a str: partly run, values withheld)
+    t = [significance.welch_from_stats(c[2][0], c[1][0]) if ran(c[1]) and ran(c[2]) else None for c in comparisons]
     return t, significance.holm([x[2] if x else 1.0 for x in t])
 
 
@@ -142,7 +170,9 @@ def table(comparisons, family, rule=True, rows=None):
     for i in range(len(comparisons)) if rows is None else rows:
         (name, a, b), res, ph = comparisons[i][:3], results[i], holm[i]
         if res is None:
-            lines.append(f"| {name} | " + " | ".join(["not run yet"] * (7 + rule)) + " |")
+            said = [c if isinstance(c, str) else "not run yet" if c is None else f"{c[0][2]} of {c[0][2]} seeds run"
+                    for c in (a, b)]  # no values until both sides have run
+            lines.append(f"| {name} | {said[0]} | {said[1]} | " + " | ".join(["not run yet"] * (5 + rule)) + " |")
             continue
         diff, (lo, hi), p = res
         test = ("B lower" if diff < 0 else "B higher") if ph < 0.05 else "no difference found"
@@ -173,7 +203,7 @@ def followups():
     SiD against DM at each budget (K = 1 and own-pairs K = 5, 1,500 and 1,050 steps, seeds 0-2); SiD's K = 5
     against K = 1 with own pairs on seeds 0-2 and 20-23; one shared fake score against ten separate ones at
     K = 10, own pairs, seeds 0-2 and 20-27. The first five are in docs/sid.md's table, the last in docs/stack.md's."""
-    done = [capacity.summarize(f) for f in (DM_1050, DM_1500, SID_1050, SID_1500, STACK_SEP, STACK_SHR)
+    done = [capacity.summarize(f) for f in (DM_1050, DM_1500, SID_1050, SID_1500, *STACK_SEP, *STACK_SHR)
             if capacity.has_results(f)]
     for r in done[1:]:  # FDs of different teachers (or classifiers) do not compare
         capacity.same_teacher(done[0], r)
@@ -185,7 +215,7 @@ def followups():
     c.append(("SiD, own pairs, 1,050 steps, seeds 0-2 and 20-23: K = 5 against K = 1", digits_cell(SID_1050, (8, "own", 1)),
               digits_cell(SID_1050, (8, "own", 5))))
     c.append(("own pairs, K = 10, 1,500 steps, seeds 0-2 and 20-27: shared against separate",
-              digits_cell(STACK_SEP, (8, "own", 10)), digits_cell(STACK_SHR, (8, "own", 10))))
+              pooled_cell(STACK_SEP, (8, "own", 10), STACK_SEEDS), pooled_cell(STACK_SHR, (8, "own", 10), STACK_SEEDS)))
     return c
 
 

@@ -26,7 +26,7 @@ def test_a_follow_up_not_run_shows_so_and_counts_at_p_1():
     assert results[2] is None
     assert holm == pytest.approx(significance.holm([results[0][2], results[1][2], 1.0]))
     text = verdicts.table(comparisons, "a family", rule=False, rows=[1, 2])
-    assert "| unrun | not run yet |" in text and "| one |" not in text and "not kept (n = 4)" in text
+    assert "| unrun | 3 of 3 seeds run | not run yet |" in text and "| one |" not in text and "not kept (n = 4)" in text
     assert "counts at p = 1" in text and "pre-registered rule" not in text
     assert "counts at p = 1" not in verdicts.table(comparisons[:2], "a family")
 
@@ -48,6 +48,35 @@ def test_a_follow_up_reads_the_seeds_it_names_and_refuses_another_teacher(tmp_pa
     monkeypatch.setattr(verdicts, "DM_1500", str(tmp_path / "b"))
     with pytest.raises(ValueError, match="different teachers"):
         verdicts.followups()
+
+
+def test_a_cell_split_over_calls_pools_its_seeds_and_shows_nothing_until_all_have_run(tmp_path):
+    import json
+
+    def part(name, seeds, teacher=45.71, budget=1500):
+        (tmp_path / name).mkdir()
+        rows = [dict(size=8, reg="own", K=10, seed=s, fd_data=60.0 + s, fd_teacher=0, fd_blocks=[0], class_std=[0], wall=None)
+                for s in seeds]
+        json.dump(dict(rows=rows, teacher=dict(fd_data=teacher), budget={"8": budget}, hp=dict(samples=10)),
+                  open(tmp_path / name / "results.json", "w"))
+        return str(tmp_path / name)
+
+    key, seeds = (8, "own", 10), (0, 1, 2, 20)
+    a, b, c = part("a", (20, 2)), part("b", (0, 1)), str(tmp_path / "c")
+    assert verdicts.pooled_cell([c], key, seeds) is None
+    half = verdicts.pooled_cell([a, c], key, seeds)
+    assert half == "2 of 4 seeds run (values shown when all are)" and "62" not in half
+    stats, values = verdicts.pooled_cell([a, b, c], key, seeds)
+    assert values == [60.0, 61.0, 62.0, 80.0] and stats == pytest.approx((65.75, (272.75 / 3) ** 0.5, 4))
+    text = verdicts.table([("split", (stats, values), half)], "a family", rule=False)
+    assert "| split | 4 of 4 seeds run | 2 of 4 seeds run (values shown when all are) | not run yet |" in text
+    assert "60, 61" not in text
+    with pytest.raises(ValueError, match="different teachers"):
+        verdicts.pooled_cell([a, part("d", (0, 1), teacher=44.66)], key, seeds)
+    with pytest.raises(ValueError, match="budget"):
+        verdicts.pooled_cell([a, part("e", (0, 1), budget=1050)], key, seeds)
+    with pytest.raises(ValueError, match="expected each of"):
+        verdicts.pooled_cell([a, b, part("f", (1,))], key, seeds)
 
 
 def test_step_costs_alternate_the_losses_round_by_round(monkeypatch):
