@@ -193,7 +193,7 @@ def main(argv=None):
         digits.main((["--quick"] if args.quick else []) + ["--out", args.digits, "--teacher-only"])
     hd = digits.QUICK if args.quick else digits.FULL
     train, test = digits.make_data(os.path.join(args.digits, "train"))
-    clf, clf_acc = digits.train_classifier(train, test, hd["clf_epochs"])
+    clf, clf_acc = digits.classifier(args.digits, train, test, hd["clf_epochs"])
     n = hp["samples"]
     seeds_eval, seeds_floor = f"100000-{100000 + n - 1}", f"200000-{200000 + n - 1}"
     heun = ["--steps", str(hd["heun_steps"]), "--device", "cpu", "--batch", "500"]

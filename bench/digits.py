@@ -92,6 +92,23 @@ def train_classifier(train, test, epochs, seed=0):
     return clf, acc
 
 
+def classifier(folder, train, test, epochs):
+    """train_classifier's network, kept in `folder` (classifier_e<epochs>.pt) and reused: FDs of different calls compare
+    only under one classifier, and its training, like the teacher's, does not repeat bit for bit on another CPU.
+    -> (classifier, held-out accuracy)."""
+    path = os.path.join(folder, f"classifier_e{epochs}.pt")
+    if os.path.exists(path):
+        saved = torch.load(path, weights_only=True)
+        clf = DigitsClassifier()
+        clf.load_state_dict(saved["state_dict"])
+        return clf.eval(), saved["acc"]
+    clf, acc = train_classifier(train, test, epochs)
+    os.makedirs(folder, exist_ok=True)
+    torch.save(dict(state_dict=clf.state_dict(), acc=acc), path + ".tmp")
+    os.replace(path + ".tmp", path)  # a killed call leaves no half-written classifier
+    return clf, acc
+
+
 def measure(clf, images, labels, ref_stats):
     """FD to each reference and the classifier's accuracy on the conditioning labels."""
     feats, logits = evaluate.features([(images, labels)], clf, rgb=False)
@@ -168,7 +185,7 @@ def main(argv=None):
     common = ["--precision", "fp32", "--device", "cpu", "--sample-every", "1000000", "--grad-probe-every", "0"]
 
     train, test = make_data(j("train"))
-    clf, clf_acc = train_classifier(train, test, hp["clf_epochs"])
+    clf, clf_acc = classifier(args.out, train, test, hp["clf_epochs"])
     print(f"digits classifier: test accuracy {clf_acc:.3f} on {len(test[0])} held-out digits", flush=True)
 
     t0 = time.time()

@@ -58,7 +58,7 @@ def main(argv=None):
         digits.main((["--quick"] if args.quick else []) + ["--out", args.digits, "--teacher-only"])
     hd = digits.QUICK if args.quick else digits.FULL
     train, test = digits.make_data(data)
-    clf, clf_acc = digits.train_classifier(train, test, hd["clf_epochs"])
+    clf, clf_acc = digits.classifier(args.digits, train, test, hd["clf_epochs"])
     ref = evaluate.stats(evaluate.features([test], clf, rgb=False)[0])
     size, seeds_eval = hp["size"], f"100000-{100000 + hp['samples'] - 1}"
     arch = ["--preset", "tiny", "--arch", capacity.arch(size)]

@@ -29,3 +29,16 @@ def test_held_out_digits_never_reach_the_training_folder(tmp_path):
     seen = {x.numpy().tobytes() for x in folder_x}  # the 1,797 digits are pairwise distinct images
     assert not any(x.numpy().tobytes() in seen for x in test_x)
     assert len(seen | {x.numpy().tobytes() for x in test_x}) == 1797
+
+
+def test_the_classifier_is_kept_and_reused(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("digits", os.path.join(ROOT, "bench", "digits.py"))
+    digits = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(digits)
+    train, test = digits.make_data(str(tmp_path / "train"))
+    clf, acc = digits.classifier(str(tmp_path), train, test, 1)
+    assert os.path.exists(tmp_path / "classifier_e1.pt") and not os.path.exists(tmp_path / "classifier_e1.pt.tmp")
+    monkeypatch.setattr(digits, "train_classifier", lambda *a: (_ for _ in ()).throw(AssertionError("retrained")))
+    again, acc_again = digits.classifier(str(tmp_path), train, test, 1)
+    assert acc_again == acc and not again.training
+    assert all((a == b).all() for a, b in zip(clf.state_dict().values(), again.state_dict().values()))
