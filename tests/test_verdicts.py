@@ -79,6 +79,21 @@ def test_a_cell_split_over_calls_pools_its_seeds_and_shows_nothing_until_all_hav
         verdicts.pooled_cell([a, b, part("f", (1,))], key, seeds)
 
 
+def test_each_follow_up_group_is_on_one_teacher_and_the_groups_may_differ(tmp_path, monkeypatch):
+    import json
+    for name, teacher in (("sep", 45.45), ("shr", 45.45), ("other", 44.0)):
+        (tmp_path / name).mkdir()
+        rows = [dict(size=8, reg="own", K=10, seed=0, fd_data=60.0, fd_teacher=0, fd_blocks=[0], class_std=[0], wall=None)]
+        json.dump(dict(rows=rows, teacher=dict(fd_data=teacher), budget={"8": 1500}, hp=dict(samples=10)),
+                  open(tmp_path / name / "results.json", "w"))
+    monkeypatch.setattr(verdicts, "STACK_SEP", [str(tmp_path / "sep")])
+    monkeypatch.setattr(verdicts, "STACK_SHR", [str(tmp_path / "shr")])
+    assert verdicts.followups()[5][1] == "1 of 11 seeds run (values shown when all are)"  # SiD's group: another teacher
+    monkeypatch.setattr(verdicts, "STACK_SHR", [str(tmp_path / "other")])
+    with pytest.raises(ValueError, match="different teachers"):
+        verdicts.followups()
+
+
 def test_step_costs_alternate_the_losses_round_by_round(monkeypatch):
     import sid_vs_dm
     calls = []
