@@ -44,6 +44,7 @@ K = 1 cells are the plain runs in every mode (one student: nothing to stack or s
 """
 import argparse
 import concurrent.futures as cf
+import hashlib
 import json
 import multiprocessing
 import os
@@ -214,6 +215,8 @@ def main(argv=None):
         return dict(fd_data=fd[0], fd_teacher=fd[1], acc=float((logits.argmax(1) == y.numpy()).mean()), fd_blocks=per,
                     class_std=spread)
 
+    inputs = {name: digest(path) for name, path in (("teacher", teacher), ("pairs", pairs),
+                                                     ("classifier", os.path.join(args.digits, f"classifier_e{hd['clf_epochs']}.pt")))}
     teacher_m = measure(tx, ty)
     floor = measure(*digits.read(j("teacher_floor")))
     floor_data = evaluate.frechet_distance(*evaluate.stats(feats(train[0][:len(test[0])], train[1][:len(test[0])])), *refs[0])
@@ -303,7 +306,7 @@ def main(argv=None):
             print(f"size {size} {reg} seed {seed} K {K}: FD data {m['fd_data']:.2f} teacher {m['fd_teacher']:.2f} "
                   f"acc {m['acc']:.3f} within-class std per class {np.round(m['class_std'], 1).tolist()}", flush=True)
         result = dict(hp=hp, rows=rows, curves={str(k): v for k, v in curves.items()}, steps=steps, budget=budget,
-                      teacher=teacher_m, floor=floor, floor_data=floor_data, tsm_cost=tsm_cost,
+                      teacher=teacher_m, floor=floor, floor_data=floor_data, tsm_cost=tsm_cost, inputs=inputs,
                       clf_acc=clf_acc, total_s=time.time() - t_start)
         table = report(result)
         print(table, flush=True)
@@ -422,7 +425,7 @@ def summarize(folder):
                               class_std=stat([np.mean(x["class_std"]) for x in c]),
                               class_std_low=stat([min(x["class_std"]) for x in c]),
                               wall=stat(walls) if walls else (float("nan"), 0.0, 0))
-        return dict(teacher=r["teacher"]["fd_data"], budget={str(k): v for k, v in r["budget"].items()},
+        return dict(teacher=r["teacher"]["fd_data"], inputs=r.get("inputs"), budget={str(k): v for k, v in r["budget"].items()},
                     samples=r["hp"]["samples"], seeds=sorted({x["seed"] for x in r["rows"]}), cells=cells)
     text = open(os.path.join(folder, "table.md")).read()
     seeds = json.loads(re.search(r"over seeds (\[[\d, ]+\])", text).group(1))
@@ -439,14 +442,28 @@ def summarize(folder):
                 samples=int(re.search(r"; (\d+) routed samples", text).group(1)), seeds=seeds, cells=cells, rounded=True)
 
 
+def digest(path):
+    """SHA-256 of a file: which teacher, paired set and classifier a results folder used."""
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
 def has_results(folder):
     """Whether a results folder holds what summarize reads: results.json or, for older runs, table.md."""
     return any(os.path.exists(os.path.join(folder, f)) for f in ("results.json", "table.md"))
 
 
 def same_teacher(a, b):
-    """Raises unless two summaries distil the same teacher (to the table's 2 decimals where one is read from one)."""
-    if not np.isclose(a["teacher"], b["teacher"], rtol=1e-6, atol=0.005 if a.get("rounded") or b.get("rounded") else 0):
+    """Raises unless two summaries distil the same teacher under the same classifier: the same files where both
+    recorded their digests, else the teacher's FD to data within 0.001 (0.005 where one is read from a 2-decimal
+    table; two rebuilds of the teacher measured 45.71 and 45.45, while one teacher's FD computed on another CPU
+    moves by float rounding only)."""
+    if a.get("inputs") and b.get("inputs"):
+        if a["inputs"] != b["inputs"]:
+            raise ValueError(f"the two studies distil different teachers or use different classifiers: inputs "
+                             f"{sorted(k for k in a['inputs'] if a['inputs'][k] != b['inputs'].get(k))} differ")
+        return
+    if not np.isclose(a["teacher"], b["teacher"], rtol=0, atol=0.005 if a.get("rounded") or b.get("rounded") else 0.001):
         raise ValueError(f"the two studies distil different teachers: FD to data {a['teacher']:.4f} against {b['teacher']:.4f}")
 
 

@@ -104,8 +104,9 @@ def classifier(folder, train, test, epochs):
         return clf.eval(), saved["acc"]
     clf, acc = train_classifier(train, test, epochs)
     os.makedirs(folder, exist_ok=True)
-    torch.save(dict(state_dict=clf.state_dict(), acc=acc), path + ".tmp")
-    os.replace(path + ".tmp", path)  # a killed call leaves no half-written classifier
+    tmp = f"{path}.{os.getpid()}.tmp"
+    torch.save(dict(state_dict=clf.state_dict(), acc=acc), tmp)
+    os.replace(tmp, path)  # a killed call leaves no half-written classifier
     return clf, acc
 
 
@@ -155,10 +156,11 @@ def save_run(folder, script, argv, seconds):
 def save_results(folder, table, results):
     """A study's table.md and results.json (the numbers behind the table) into its results folder."""
     os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "table.md"), "w") as f:
-        f.write(table)
-    with open(os.path.join(folder, "results.json"), "w") as f:
-        json.dump(results, f, indent=1, default=float)
+    for name, write in (("results.json", lambda f: json.dump(results, f, indent=1, default=float)),
+                        ("table.md", lambda f: f.write(table))):  # each whole or not at all, the numbers first
+        with open(os.path.join(folder, name + ".tmp"), "w") as f:
+            write(f)
+        os.replace(os.path.join(folder, name + ".tmp"), os.path.join(folder, name))
 
 
 def read(path):

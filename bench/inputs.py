@@ -7,7 +7,8 @@ FDs of different calls compare only under one teacher and one classifier, and ne
 for bit on another CPU (the digits teacher rebuilt on two machines measured FD to data 45.71 and 45.45).
 The archive holds what bench/capacity.py reads before its students train: bench/digits.py's teacher,
 paired set and classifier, the teacher's sample sets (the FD references and floors) and the TSM starts
-(MSD Sec. 3.3); not the students. Unpacking never replaces a file that differs (that would mix teachers
+(MSD Sec. 3.3); not the students, nor the K = 1 curves that set a budget (for studies at an imposed
+--budget). Unpacking never replaces a file that differs (that would mix teachers
 into one study): it stops and names the file. A manifest of SHA-256 digests goes inside.
 """
 import argparse
@@ -33,7 +34,10 @@ def members(digits, out):
             for f in ("student.pt", "student.pt.cpu_s"):
                 if os.path.exists(os.path.join(out, size, "tsm", run, f)):
                     found[f"capacity/{size}/tsm/{run}/{f}"] = os.path.join(out, size, "tsm", run, f)
-    missing = [p for p in found.values() if not os.path.exists(p)]
+    empty = [os.path.join(out, size, "tsm", run) for size in sorted(os.listdir(out)) if os.path.isdir(os.path.join(out, size, "tsm"))
+             for run in os.listdir(os.path.join(out, size, "tsm")) if f"capacity/{size}/tsm/{run}/student.pt" not in found]
+    missing = [p for p in found.values() if not os.path.exists(p)] + [f"a classifier_e*.pt in {digits}"] * (
+        not any(n.startswith("digits/classifier_e") for n in found)) + [f"{p}/student.pt" for p in empty]
     if missing:
         raise FileNotFoundError(f"not there to pack: {missing} (run the study's first call, which makes them)")
     return found
@@ -63,12 +67,22 @@ def unpack(archive, digits, out):
     roots = {"digits": digits, "capacity": out}
     with tarfile.open(archive, "r:gz") as tar:
         manifest = json.load(tar.extractfile("manifest.json"))
-        target = lambda name: os.path.join(roots[name.split("/", 1)[0]], name.split("/", 1)[1])  # noqa: E731
+        def target(name):
+            root, _, rest = name.partition("/")
+            path = os.path.normpath(os.path.join(roots.get(root, "/nonexistent"), rest))
+            if root not in roots or not path.startswith(os.path.normpath(roots[root]) + os.sep):
+                raise ValueError(f"{archive}: {name!r} is not a path under digits/ or capacity/")
+            return path
+        runs = [os.path.join(out, d, r) for d in (os.listdir(out) if os.path.isdir(out) else [])
+                if os.path.isdir(os.path.join(out, d, "tsm")) for r in os.listdir(os.path.join(out, d)) if r != "tsm"]
+        if runs:
+            raise FileExistsError(f"{out} already holds students' runs ({runs[:3]}): they would be reused beside another "
+                                  "teacher's inputs; unpack into an empty folder")
         clash = [target(n) for n, digest in manifest.items() if os.path.exists(target(n)) and sha256(target(n)) != digest]
         if clash:
             raise FileExistsError(f"these differ from the archive's (another teacher's inputs?): {clash[:5]}"
                                   f"{' ...' if len(clash) > 5 else ''}; move the folders aside to unpack")
-        for name, digest in manifest.items():
+        for name, digest in sorted(manifest.items(), key=lambda kv: kv[0].endswith("dataset.json")):  # a folder's index last
             data = tar.extractfile(name).read()
             if hashlib.sha256(data).hexdigest() != digest:
                 raise ValueError(f"{archive}: {name} does not match its manifest digest")

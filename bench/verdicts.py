@@ -79,6 +79,9 @@ def pooled_cell(folders, key, seeds):
     done = [f for f in folders if capacity.has_results(f)]
     if not done:
         return None
+    old = [f for f in done if not os.path.exists(os.path.join(f, "results.json"))]
+    if old:
+        raise ValueError(f"{old}: a part without results.json has no per-seed values to pool")
     first = capacity.summarize(done[0])
     for f in done[1:]:
         r = capacity.summarize(f)

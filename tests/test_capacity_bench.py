@@ -273,3 +273,15 @@ def test_the_quality_table_in_the_docs_is_the_scripts():
     assert open(os.path.join(ROOT, "bench", "results", "stack", "draws", "table.md")).read() == table
     begin, end = sq.TABLES["draws"]
     assert begin + "\n" + table + "\n" + end in open(os.path.join(ROOT, "docs", "stack.md")).read()
+
+
+def test_same_teacher_reads_the_input_digests_where_both_recorded_them():
+    cap = load()
+    a = dict(teacher=45.45, inputs=dict(teacher="t1", pairs="p", classifier="c"))
+    cap.same_teacher(a, dict(a, teacher=45.4503))  # one teacher, its FD recomputed on another CPU
+    cap.same_teacher(dict(a, inputs=None), dict(a, teacher=45.4503))  # no digests on one side: FD within 0.001
+    with pytest.raises(ValueError, match=r"\['classifier'\] differ"):
+        cap.same_teacher(a, dict(a, inputs=dict(a["inputs"], classifier="c2")))
+    with pytest.raises(ValueError, match="different teachers"):
+        cap.same_teacher(dict(a, inputs=None), dict(a, teacher=45.71))
+    assert cap.digest(__file__) == cap.digest(__file__) and len(cap.digest(__file__)) == 64

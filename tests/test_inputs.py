@@ -36,12 +36,18 @@ def test_pack_then_unpack_gives_the_same_files_and_refuses_another_teachers(tmp_
     with pytest.raises(FileExistsError, match="student.pt"):
         inputs.main(["unpack", archive, "--digits", str(b / "digits"), "--out", str(b / "capacity")])
     assert (b / "digits/teacher/student.pt").read_bytes() == b"another teacher"
+    with pytest.raises(FileExistsError, match="students' runs"):  # runs of another teacher would be reused
+        inputs.main(["unpack", archive, "--digits", str(tmp_path / "c/digits"), "--out", str(tmp_path / "a/capacity")])
 
 
 def test_pack_names_what_is_missing(tmp_path):
     fill(tmp_path)
     os.remove(tmp_path / "digits/pairs.npz")
     with pytest.raises(FileNotFoundError, match="pairs.npz"):
+        inputs.pack(str(tmp_path / "x.tar.gz"), str(tmp_path / "digits"), str(tmp_path / "capacity"))
+    (tmp_path / "digits/pairs.npz").write_bytes(b"pairs")
+    os.remove(tmp_path / "capacity/c8/tsm/K10p3/student.pt")  # a TSM start not finished
+    with pytest.raises(FileNotFoundError, match="K10p3/student.pt"):
         inputs.pack(str(tmp_path / "x.tar.gz"), str(tmp_path / "digits"), str(tmp_path / "capacity"))
     with pytest.raises(SystemExit):
         inputs.main(["unpack", str(tmp_path / "none.tar.gz")])
