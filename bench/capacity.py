@@ -44,7 +44,6 @@ K = 1 cells are the plain runs in every mode (one student: nothing to stack or s
 """
 import argparse
 import concurrent.futures as cf
-import hashlib
 import json
 import multiprocessing
 import os
@@ -60,6 +59,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import digits  # noqa: E402  (data, classifier, metric and teacher of the digits benchmark)
+from inputs import sha256 as digest  # noqa: E402  (which teacher, paired set and classifier a results folder used)
 import edm_unet  # noqa: E402
 import evaluate  # noqa: E402
 import msd  # noqa: E402
@@ -216,7 +216,7 @@ def main(argv=None):
                     class_std=spread)
 
     inputs = {name: digest(path) for name, path in (("teacher", teacher), ("pairs", pairs),
-                                                     ("classifier", os.path.join(args.digits, f"classifier_e{hd['clf_epochs']}.pt")))}
+                                                     ("classifier", digits.classifier_path(args.digits, hd["clf_epochs"])))}
     teacher_m = measure(tx, ty)
     floor = measure(*digits.read(j("teacher_floor")))
     floor_data = evaluate.frechet_distance(*evaluate.stats(feats(train[0][:len(test[0])], train[1][:len(test[0])])), *refs[0])
@@ -440,12 +440,6 @@ def summarize(folder):
     budget = {k: int(n) for k, n in re.findall(r"(\d+): (\d+)", re.search(r"Budgets[^{]*(\{[^}]*\})", text).group(1))}
     return dict(teacher=float(re.search(r"Teacher: FD to data ([\d.]+)", text).group(1)), budget=budget,
                 samples=int(re.search(r"; (\d+) routed samples", text).group(1)), seeds=seeds, cells=cells, rounded=True)
-
-
-def digest(path):
-    """SHA-256 of a file: which teacher, paired set and classifier a results folder used."""
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 def has_results(folder):

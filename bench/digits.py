@@ -92,11 +92,15 @@ def train_classifier(train, test, epochs, seed=0):
     return clf, acc
 
 
+def classifier_path(folder, epochs):
+    return os.path.join(folder, f"classifier_e{epochs}.pt")
+
+
 def classifier(folder, train, test, epochs):
     """train_classifier's network, kept in `folder` (classifier_e<epochs>.pt) and reused: FDs of different calls compare
     only under one classifier, and its training, like the teacher's, does not repeat bit for bit on another CPU.
     -> (classifier, held-out accuracy)."""
-    path = os.path.join(folder, f"classifier_e{epochs}.pt")
+    path = classifier_path(folder, epochs)
     if os.path.exists(path):
         saved = torch.load(path, weights_only=True)
         clf = DigitsClassifier()
