@@ -430,13 +430,18 @@ def summarize(folder):
     text = open(os.path.join(folder, "table.md")).read()
     seeds = json.loads(re.search(r"over seeds (\[[\d, ]+\])", text).group(1))
     pm = lambda v: (float(v.split(" ± ")[0]), float(v.split(" ± ")[1]), len(seeds))  # noqa: E731
+    head = [c.strip() for c in next(ln for ln in text.splitlines() if ln.startswith("| size")).strip("|").split("|")]
+    col = lambda v, name: v[next(i for i, h in enumerate(head) if h.startswith(name))]  # noqa: E731
     cells = {}
-    for row in re.findall(r"^\| (\d+) ch \(\d+k\) \| (\w+) \| (\d+) \| (.*)$", text, re.M):
-        v = [c.strip() for c in row[3].split("|")]  # FD data, FD teacher, acc, per-partition, steps, std, images, CPU s
-        mean, low = (float(u) for u in v[5].split(" / "))
-        cells[int(row[0]), row[1], int(row[2])] = dict(
-            fd_data=pm(v[0]), fd_teacher=pm(v[1]), fd_blocks=pm(v[3]), class_std=(mean, 0.0, len(seeds)),
-            class_std_low=(low, 0.0, len(seeds)), wall=(float(v[7]), 0.0, len(seeds) - (row[2] == "1")))  # K = 1: seed 0 untimed
+    for line in re.findall(r"^\| \d+ ch \(\d+k\) \|.*$", text, re.M):
+        v = [c.strip() for c in line.strip("|").split("|")]
+        size, reg, K = int(v[0].split()[0]), v[1], int(v[2])
+        has_std = any(h.startswith("within-class") for h in head)  # the oldest tables have no std column
+        mean, low = (float(u) for u in col(v, "within-class").split(" / ")) if has_std else (float("nan"),) * 2
+        cells[size, reg, K] = dict(
+            fd_data=pm(col(v, "FD to data")), fd_teacher=pm(col(v, "FD to teacher")), fd_blocks=pm(col(v, "per-partition")),
+            class_std=(mean, 0.0, len(seeds)), class_std_low=(low, 0.0, len(seeds)),
+            wall=(float(col(v, "CPU s")), 0.0, len(seeds) - (K == 1)))  # K = 1: seed 0 untimed
     budget = {k: int(n) for k, n in re.findall(r"(\d+): (\d+)", re.search(r"Budgets[^{]*(\{[^}]*\})", text).group(1))}
     return dict(teacher=float(re.search(r"Teacher: FD to data ([\d.]+)", text).group(1)), budget=budget,
                 samples=int(re.search(r"; (\d+) routed samples", text).group(1)), seeds=seeds, cells=cells, rounded=True)

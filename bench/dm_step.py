@@ -15,11 +15,14 @@ from it, as after TSM) architecture. The first --steps iterations are warm-up (a
 the figures are from the next --steps. --parts also times each part of the step on its own
 (synchronised), for a profile table. --stack K ... times, for each K, K students stepped one after
 another (K x one student's step), all K as one stack with K fake scores (msd.py --all-students) and
-with one shared fake score (--shared-fake), and prints the ratios.
+with one shared fake score (--shared-fake), and prints the ratios: --rounds rounds, the three timed one after
+another in each round (so a slow spell of the machine falls on all three), the median of each and the min-max of
+the per-round ratios.
 """
 import argparse
 import copy
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -126,6 +129,8 @@ def main(argv=None):
     p.add_argument("--parts", action="store_true", help="also time each part of the step alone")
     p.add_argument("--stack", type=int, nargs="+", default=None,
                    help="K values: K sequential single-student steps vs one stacked step (separate / shared fake)")
+    p.add_argument("--rounds", type=int, default=5, help="with --stack: rounds, the three timings alternating in each; "
+                                                         "median and min-max over them")
     p.add_argument("--results", default="", help="with --stack: also write the table and run.json into this folder")
     args = p.parse_args(argv)
     if args.parts and args.student_arch:
@@ -166,18 +171,26 @@ def main(argv=None):
         if args.stack:
             if max(args.stack) > label_dim or min(args.stack) < 1:
                 p.error(f"--stack: K must be 1..{label_dim} (the preset's classes), got {args.stack}")
+            if args.rounds < 1:
+                p.error(f"--rounds: at least 1, got {args.rounds}")
             t0, lines = time.time(), [f"| K students (batch {args.batch} each) | K sequential steps, ms | stacked, K fake "
                                       f"scores, ms | speed-up | stacked, one shared fake score, ms | speed-up |",
                                       "| --- | --- | --- | --- | --- | --- |"]
             print("\n" + "\n".join(lines))
+            ms = lambda v: f"{statistics.median(v):.1f} ({min(v):.1f}-{max(v):.1f})"  # noqa: E731
             rows = []
             for K in args.stack:
-                seq = K * step(f"seq{K}", "--num-students", str(K))["ms_per_iter"]  # one student's step, K times
-                sep = step(f"sep{K}", "--num-students", str(K), "--all-students")["ms_per_iter"]
-                shr = step(f"shr{K}", "--num-students", str(K), "--all-students", "--shared-fake",  # student-sized, as the K
-                           *(["--fake-init", init[1]] if init else []))["ms_per_iter"]              # fake scores start
-                rows.append(dict(K=K, sequential=seq, stacked=sep, shared=shr))
-                lines.append(f"| {K} | {seq:.1f} | {sep:.1f} | {seq / sep:.2f}x | {shr:.1f} | {seq / shr:.2f}x |")
+                t = dict(sequential=[], stacked=[], shared=[])
+                for _ in range(args.rounds):  # the three in turn, so a slow spell falls on all of them
+                    t["sequential"].append(K * step(f"seq{K}", "--num-students", str(K))["ms_per_iter"])  # one student, K times
+                    t["stacked"].append(step(f"sep{K}", "--num-students", str(K), "--all-students")["ms_per_iter"])
+                    t["shared"].append(step(f"shr{K}", "--num-students", str(K), "--all-students", "--shared-fake",  # student-
+                                            *(["--fake-init", init[1]] if init else []))["ms_per_iter"])  # sized, as the K fakes start
+                up = {k: [a / b for a, b in zip(t["sequential"], t[k])] for k in ("stacked", "shared")}  # per round
+                rows.append(dict(K=K, rounds=t, **{k: statistics.median(v) for k, v in t.items()}))
+                lines.append(f"| {K} | {ms(t['sequential'])} | {ms(t['stacked'])} | {statistics.median(up['stacked']):.2f}x "
+                             f"({min(up['stacked']):.2f}-{max(up['stacked']):.2f}) | {ms(t['shared'])} | "
+                             f"{statistics.median(up['shared']):.2f}x ({min(up['shared']):.2f}-{max(up['shared']):.2f}) |")
                 print(lines[-1], flush=True)
             log = dict(log, stack=rows)
             if args.results:
@@ -185,7 +198,9 @@ def main(argv=None):
                 os.makedirs(args.results, exist_ok=True)
                 with open(os.path.join(args.results, "table.md"), "w") as f:
                     f.write(f"DM step of {nets}, {reg}, {args.precision}, {name}, {torch.get_num_threads()} thread(s), "
-                            f"ms per step of all K students (mean over {args.steps} steps after {args.steps} of warm-up):\n\n"
+                            f"ms per step of all K students: median (min-max) of {args.rounds} rounds, each the mean over {args.steps} "
+                            f"steps after {args.steps} of warm-up, the three columns timed in turn within each round; a "
+                            f"speed-up is the median (min-max) of the rounds' ratios. Machine: {digits.cpu_model()}.\n\n"
                             + "\n".join(lines) + "\n")
                 digits.save_run(args.results, "bench/dm_step.py", argv if argv is not None else sys.argv[1:], time.time() - t0)
         return log

@@ -9,8 +9,9 @@ pooled std of the single runs. That rule cannot gain power with seeds (it compar
 spread of single runs, not with the standard error of the means). Here each comparison is also a test:
 the difference of the means with its 95% interval and Welch's two-sided p (bench/significance.py), and
 Holm's correction within each report (the family: every comparison of that report listed here). The
-per-seed values are shown where the results kept them (results.json); cells of runs older than
-results.json are read from their tables' 2-decimal mean +- std. Nothing is re-run: the inputs are the
+per-seed values come from results.json, or for runs older than it from the folder's seeds.json (the 2-decimal
+values their logs printed, checked against their tables' mean +- std); a cell with neither would be read from its
+table's mean +- std. Nothing is re-run: the inputs are the
 committed results folders, and the rule's word is recomputed from the same numbers (docs/capacity.md's is
 the word its tables recorded: that rule was one-sided, "K beats K = 1").
 """
@@ -49,13 +50,33 @@ STACK_SEP, STACK_SHR = ([FOLLOW(f"10_pairsown_{mode}_seeds{'-'.join(map(str, s))
 
 
 def seeds_of(folder, key, seeds=None):
-    """The per-seed FD to data of a cell (only `seeds`, if given), from results.json (None for a table-only folder)."""
+    """The per-seed FD to data of a cell (only `seeds`, if given), from results.json; for runs older than results.json,
+    from the folder's seeds.json (the values their logs printed, 2 decimals), checked against table.md's mean +- std;
+    None where neither is kept."""
     path = os.path.join(folder, "results.json")
     if not os.path.exists(path):
-        return None
+        return kept_seeds(folder, key)
     rows = json.load(open(path))["rows"]
     return [x["fd_data"] for x in sorted(rows, key=lambda x: x["seed"])
             if (x["size"], x["reg"], x["K"]) == key and (seeds is None or x["seed"] in seeds)]
+
+
+def kept_seeds(folder, key):
+    """A table-only cell's per-seed values from seeds.json, or None; raises where they do not give the table's mean
+    and std (to its 2 decimals, the values' own rounding allowed for)."""
+    path = os.path.join(folder, "seeds.json")
+    if not os.path.exists(path):
+        return None
+    kept = json.load(open(path))
+    values = next((c["fd_data"] for c in kept["cells"] if (c["size"], c["reg"], c["K"]) == key), None)
+    if values is None:
+        return None
+    mean, std, n = capacity.summarize(folder)["cells"][key]["fd_data"]
+    got = capacity.stat(values)
+    if n != len(values) or abs(got[0] - mean) > 0.01 or abs(got[1] - std) > 0.02:
+        raise ValueError(f"{path}: cell {key} gives {got[0]:.3f} ± {got[1]:.3f} (n {len(values)}), "
+                         f"not table.md's {mean:.2f} ± {std:.2f} (n {n})")
+    return values
 
 
 def digits_cell(folder, key, seeds=None):
@@ -64,7 +85,8 @@ def digits_cell(folder, key, seeds=None):
     if not capacity.has_results(folder):
         return None
     if seeds is None:
-        return capacity.summarize(folder)["cells"][key]["fd_data"], seeds_of(folder, key)
+        values = seeds_of(folder, key)
+        return (capacity.stat(values) if values else capacity.summarize(folder)["cells"][key]["fd_data"]), values
     values = seeds_of(folder, key, seeds)
     if len(values) != len(seeds):
         raise ValueError(f"{folder}: cell {key} has {len(values)} of the seeds {list(seeds)}")
@@ -106,14 +128,16 @@ def toy_cell(loss, K):
 
 def capacity_comparisons():
     """docs/capacity.md: each K > 1 cell of the final table (B) against K = 1 of its size (A); a K = 1 student owns
-    every pair, so both filters share it. The tables keep mean +- std over seeds 0-2, not the seeds; the fourth
-    item is the rule's word as the tables recorded it."""
+    every pair, so both filters share it. Each cell is read from the first results folder that holds it (the final
+    table checks that the folders agree); the fourth item is the rule's word as the tables recorded it."""
     cells = capacity_ladder.merge(capacity_ladder.TABLES)[0]
-    cell = lambda key: ((*cells[key], 3), None)  # noqa: E731
+    folders = [os.path.dirname(t) for t in capacity_ladder.TABLES]
+    cell = lambda key: next(digits_cell(f, key) for f in folders if key in capacity.summarize(f)["cells"])  # noqa: E731
     c = []
     for size, reg, K in sorted(key for key in cells if key[2] > 1):
         one = (size, reg, 1) if (size, reg, 1) in cells else (size, "all", 1)
-        c.append((f"{size} ch, {'F_DM' if reg == 'all' else 'own pairs'}: K = {K} against K = 1", cell(one),
+        late = " (K = 10: a cell added after seeing results)" if K == 10 else ""  # docs/capacity.md's protocol
+        c.append((f"{size} ch, {'F_DM' if reg == 'all' else 'own pairs'}: K = {K} against K = 1{late}", cell(one),
                   cell((size, reg, K)), capacity_ladder.VERDICTS[size, reg, K]))
     return c
 
@@ -186,9 +210,14 @@ def table(comparisons, family, rule=True, rows=None):
             said = comparisons[i][3] if len(comparisons[i]) > 3 else said  # the word the study recorded, if given
             row += f" {said}{'' if said.startswith('yes') == (ph < 0.05) else ' (differs)'} |"
         lines.append(row)
-    lines += ["", f"Lower is better (FD to held-out digits; toy: l1 to the teacher). Welch's t-test, two-sided, on B - A; "
-              f"\"not kept\": runs older than results.json, tested from their tables' 2-decimal mean ± std (n seeds). "
-              f"p (Holm): Holm's correction over the {len(comparisons)} comparisons of {family}"
+    shown = [c for i in (range(len(comparisons)) if rows is None else rows) for c in comparisons[i][1:3]]
+    lines += ["", "Lower is better (FD to held-out digits; toy: l1 to the teacher). Welch's t-test, two-sided, on B - A "
+              "(not the exact permutation test: with 3 seeds a side its smallest possible p is 0.1, so it could find "
+              "nothing); per seed: the runs' results.json, or for runs older than it their seeds.json (the values their "
+              "logs printed, 2 decimals). "
+              + ("\"not kept\": tested from the table's 2-decimal mean ± std (n seeds). "
+                 if any(isinstance(c, tuple) and not c[1] for c in shown) else "")
+              + f"p (Holm): Holm's correction over the {len(comparisons)} comparisons of {family}"
               + ("; a comparison not run yet counts at p = 1 (the others' p can only fall when it runs)"
                  if any(r is None for r in results) else "") + "."
               + (f" The rule (fixed before the runs): {recorded if any(len(c) > 3 for c in comparisons) else two_sided}; "

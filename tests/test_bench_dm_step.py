@@ -33,11 +33,14 @@ def load(name):
 def test_stack_mode_times_sequential_stacked_and_shared(tmp_path, capsys):
     log = load("dm_step").main(["--arch", "model_channels=16,img_resolution=8,attn_resolutions=(4,)", "--student-arch",
                                 "model_channels=8,img_resolution=8,attn_resolutions=(4,)", "--reg-loss", "mse",
-                                "--batch", "4", "--steps", "1", "--threads", "1", "--stack", "1", "2",
+                                "--batch", "4", "--steps", "1", "--threads", "1", "--stack", "1", "2", "--rounds", "3",
                                 "--results", str(tmp_path / "speed")])
-    assert [r["K"] for r in log["stack"]] == [1, 2] and all(v > 0 for r in log["stack"] for v in r.values())
+    assert [r["K"] for r in log["stack"]] == [1, 2]
+    for r in log["stack"]:  # three rounds of each timing, and the median of them
+        assert all(len(v) == 3 and min(v) > 0 and sorted(v)[1] == r[k] for k, v in r["rounds"].items())
     table = (tmp_path / "speed" / "table.md").read_text()
-    assert "| 2 |" in table and "x |" in table and (tmp_path / "speed" / "run.json").exists()
+    assert "| 2 |" in table and "x (" in table and "median (min-max) of 3 rounds" in table
+    assert (tmp_path / "speed" / "run.json").exists()
     assert "one shared fake score" in capsys.readouterr().out
 
 

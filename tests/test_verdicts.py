@@ -108,3 +108,23 @@ def test_step_costs_alternate_the_losses_round_by_round(monkeypatch):
     assert calls == ["dm", "sid", "sid", "dm", "dm", "sid"]
     assert cost["sid"] == [14.0, 15.0, 18.0] and cost["ratio"] == pytest.approx([1.4, 1.5, 1.8])
     assert sid_vs_dm.spread(cost["sid"]) == "15.0 [14.0, 18.0]"
+
+
+def test_a_table_only_cell_reads_its_kept_seeds_and_refuses_ones_its_table_does_not_give(tmp_path):
+    import json
+    head = ("| size (params) | pairs | K | FD to data | FD to teacher | label acc. | per-partition FD | steps/student "
+            "| images seen (all students) | CPU s (DM, all students) | K beats 1? (gap / 2 x pooled std) |")
+    table = "\n".join([head, "| --- " * 11 + "|",
+                       "| 16 ch (209k) | all | 1 | 60.68 ± 6.84 | 10.84 ± 1.21 | 0.994 ± 0.001 | 26.86 ± 2.19 | 1650 | 52,800 | 203 |  |",
+                       "| 16 ch (209k) | all | 2 | 57.79 ± 4.68 | 7.99 ± 1.19 | 0.993 ± 0.001 | 22.14 ± 3.25 | 1650 | 105,600 | 413 | no |",
+                       "", "mean ± std (ddof 1) over seeds [0, 1, 2]; 5000 routed samples per run. Teacher: FD to data 44.66, label accuracy 0.993. "
+                       "Budgets (steps/student): {16: 1650}."])
+    (tmp_path / "table.md").write_text(table)  # an old table: no within-class std column
+    assert verdicts.digits_cell(str(tmp_path), (16, "all", 2)) == ((57.79, 4.68, 3), None)  # nothing kept: the table
+    kept = dict(cells=[dict(size=16, reg="all", K=1, fd_data=[53.05, 62.73, 66.28]),
+                       dict(size=16, reg="all", K=2, fd_data=[59.94, 61.01, 62.42])])  # K = 2: one value mistyped
+    json.dump(kept, open(tmp_path / "seeds.json", "w"))
+    stats, values = verdicts.digits_cell(str(tmp_path), (16, "all", 1))
+    assert values == [53.05, 62.73, 66.28] and stats[0] == pytest.approx(60.687, abs=1e-3)
+    with pytest.raises(ValueError, match="not table.md's 57.79"):
+        verdicts.digits_cell(str(tmp_path), (16, "all", 2))
