@@ -237,6 +237,7 @@ def test_shared_against_separate_applies_the_rule_per_cell(tmp_path, capsys):
     assert "| yes, worse (+11.00 / 3.16) |" in text and "| no (+1.00 / 2.00) |" in text
     assert "| yes, better (-6.00 / 2.00) |" in text
     assert "| 10 | 5.00x |" in text and "| 10 | 10.00x |" in text  # K runs of 10 s each against one of 10 s
+    assert text.count("| 10 | — (another call) |") == 3  # the separate cells ran in other calls: no ratio
     assert ("all", 10) not in verdicts and "| not compared: the separate cell was not run |" in text
     assert "the sum of K single runs (separate)" in text  # separate folders not named _stacked: K single runs
     draws = tmp_path / "draws.md"
