@@ -432,11 +432,11 @@ def summarize(folder):
     pm = lambda v: (float(v.split(" ± ")[0]), float(v.split(" ± ")[1]), len(seeds))  # noqa: E731
     head = [c.strip() for c in next(ln for ln in text.splitlines() if ln.startswith("| size")).strip("|").split("|")]
     col = lambda v, name: v[next(i for i, h in enumerate(head) if h.startswith(name))]  # noqa: E731
+    has_std = any(h.startswith("within-class") for h in head)  # the oldest tables have no std column
     cells = {}
     for line in re.findall(r"^\| \d+ ch \(\d+k\) \|.*$", text, re.M):
         v = [c.strip() for c in line.strip("|").split("|")]
         size, reg, K = int(v[0].split()[0]), v[1], int(v[2])
-        has_std = any(h.startswith("within-class") for h in head)  # the oldest tables have no std column
         mean, low = (float(u) for u in col(v, "within-class").split(" / ")) if has_std else (float("nan"),) * 2
         cells[size, reg, K] = dict(
             fd_data=pm(col(v, "FD to data")), fd_teacher=pm(col(v, "FD to teacher")), fd_blocks=pm(col(v, "per-partition")),

@@ -142,6 +142,11 @@ def cpu_model():
     return (info.get("model name", "unknown") + (f" ({ids})" if ids else "")) if info else ""
 
 
+def spread(values, f=".1f"):
+    """'median [min, max]' of repeated timings (or of their per-round ratios)."""
+    return f"{np.median(values):{f}} [{min(values):{f}}, {max(values):{f}}]"
+
+
 def save_run(folder, script, argv, seconds):
     """run.json beside a study's results: the command, commit, CPU, torch version and seconds that made them."""
     import platform

@@ -177,7 +177,7 @@ def main(argv=None):
                                       f"scores, ms | speed-up | stacked, one shared fake score, ms | speed-up |",
                                       "| --- | --- | --- | --- | --- | --- |"]
             print("\n" + "\n".join(lines))
-            ms = lambda v: f"{statistics.median(v):.1f} ({min(v):.1f}-{max(v):.1f})"  # noqa: E731
+            import digits  # noqa: E402  (the benches' timing spread and run.json writer)
             rows = []
             for K in args.stack:
                 t = dict(sequential=[], stacked=[], shared=[])
@@ -188,19 +188,17 @@ def main(argv=None):
                                             *(["--fake-init", init[1]] if init else []))["ms_per_iter"])  # sized, as the K fakes start
                 up = {k: [a / b for a, b in zip(t["sequential"], t[k])] for k in ("stacked", "shared")}  # per round
                 rows.append(dict(K=K, rounds=t, **{k: statistics.median(v) for k, v in t.items()}))
-                lines.append(f"| {K} | {ms(t['sequential'])} | {ms(t['stacked'])} | {statistics.median(up['stacked']):.2f}x "
-                             f"({min(up['stacked']):.2f}-{max(up['stacked']):.2f}) | {ms(t['shared'])} | "
-                             f"{statistics.median(up['shared']):.2f}x ({min(up['shared']):.2f}-{max(up['shared']):.2f}) |")
+                lines.append(f"| {K} | {digits.spread(t['sequential'])} | {digits.spread(t['stacked'])} | "
+                             f"{digits.spread(up['stacked'], '.2f')}x | {digits.spread(t['shared'])} | {digits.spread(up['shared'], '.2f')}x |")
                 print(lines[-1], flush=True)
             log = dict(log, stack=rows)
             if args.results:
-                import digits  # noqa: E402  (the benches' run.json writer)
                 os.makedirs(args.results, exist_ok=True)
                 with open(os.path.join(args.results, "table.md"), "w") as f:
                     f.write(f"DM step of {nets}, {reg}, {args.precision}, {name}, {torch.get_num_threads()} thread(s), "
-                            f"ms per step of all K students: median (min-max) of {args.rounds} rounds, each the mean over {args.steps} "
+                            f"ms per step of all K students: median [min, max] of {args.rounds} rounds, each the mean over {args.steps} "
                             f"steps after {args.steps} of warm-up, the three columns timed in turn within each round; a "
-                            f"speed-up is the median (min-max) of the rounds' ratios. Machine: {digits.cpu_model()}.\n\n"
+                            f"speed-up is the median [min, max] of the rounds' ratios. Machine: {digits.cpu_model()}.\n\n"
                             + "\n".join(lines) + "\n")
                 digits.save_run(args.results, "bench/dm_step.py", argv if argv is not None else sys.argv[1:], time.time() - t0)
         return log

@@ -20,9 +20,6 @@ import shutil
 import sys
 import time
 
-import numpy as np
-
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
@@ -155,7 +152,8 @@ def digits_part(args):
               f"SiD: [its cells](../{os.path.relpath(args.sid, ROOT)}/table.md). One training step of one student "
               f"(batch 32, MSE regression, one thread, bench/dm_step.py), median [min, max] of {len(cost['ratio'])} alternating "
               f"rounds in this call, each the mean of {cost['steps']} steps after as many of warm-up: DM "
-              f"{spread(cost['dm'])} ms, SiD {spread(cost['sid'])} ms, SiD / DM within a round {spread(cost['ratio'], '.2f')}x "
+              f"{digits.spread(cost['dm'])} ms, SiD {digits.spread(cost['sid'])} ms, SiD / DM within a round "
+              f"{digits.spread(cost['ratio'], '.2f')}x "
               f"({cost['cpu']}).", ""]
     return finish(args, "digits", "\n".join(lines), dict(dm=args.dm, sid=args.sid, step_ms=cost))
 
@@ -171,11 +169,6 @@ def step_costs(rounds, steps):
                                             "--batch", "32", "--threads", "1", "--steps", str(steps),
                                             "--loss", loss])["ms_per_iter"])
     return dict(cost, ratio=[s / d for s, d in zip(cost["sid"], cost["dm"])], steps=steps, cpu=digits.cpu_model() or "CPU")
-
-
-def spread(values, f=".1f"):
-    """'median [min, max]' of repeated timings."""
-    return f"{np.median(values):{f}} [{min(values):{f}}, {max(values):{f}}]"
 
 
 def finish(args, part, table, data, figures=()):

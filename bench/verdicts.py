@@ -20,8 +20,6 @@ import json
 import os
 import sys
 
-import numpy as np
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
@@ -131,8 +129,8 @@ def capacity_comparisons():
     every pair, so both filters share it. Each cell is read from the first results folder that holds it (the final
     table checks that the folders agree); the fourth item is the rule's word as the tables recorded it."""
     cells = capacity_ladder.merge(capacity_ladder.TABLES)[0]
-    folders = [os.path.dirname(t) for t in capacity_ladder.TABLES]
-    cell = lambda key: next(digits_cell(f, key) for f in folders if key in capacity.summarize(f)["cells"])  # noqa: E731
+    held = {os.path.dirname(t): capacity.summarize(os.path.dirname(t))["cells"] for t in capacity_ladder.TABLES}
+    cell = lambda key: next(digits_cell(f, key) for f, c in held.items() if key in c)  # noqa: E731
     c = []
     for size, reg, K in sorted(key for key in cells if key[2] > 1):
         one = (size, reg, 1) if (size, reg, 1) in cells else (size, "all", 1)

@@ -39,7 +39,7 @@ def test_stack_mode_times_sequential_stacked_and_shared(tmp_path, capsys):
     for r in log["stack"]:  # three rounds of each timing, and the median of them
         assert all(len(v) == 3 and min(v) > 0 and sorted(v)[1] == r[k] for k, v in r["rounds"].items())
     table = (tmp_path / "speed" / "table.md").read_text()
-    assert "| 2 |" in table and "x (" in table and "median (min-max) of 3 rounds" in table
+    assert "| 2 |" in table and "]x |" in table and "median [min, max] of 3 rounds" in table
     assert (tmp_path / "speed" / "run.json").exists()
     assert "one shared fake score" in capsys.readouterr().out
 

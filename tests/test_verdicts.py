@@ -107,7 +107,7 @@ def test_step_costs_alternate_the_losses_round_by_round(monkeypatch):
     cost = sid_vs_dm.step_costs(3, 2)
     assert calls == ["dm", "sid", "sid", "dm", "dm", "sid"]
     assert cost["sid"] == [14.0, 15.0, 18.0] and cost["ratio"] == pytest.approx([1.4, 1.5, 1.8])
-    assert sid_vs_dm.spread(cost["sid"]) == "15.0 [14.0, 18.0]"
+    assert sid_vs_dm.digits.spread(cost["sid"]) == "15.0 [14.0, 18.0]"
 
 
 def test_a_table_only_cell_reads_its_kept_seeds_and_refuses_ones_its_table_does_not_give(tmp_path):
